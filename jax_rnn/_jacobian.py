@@ -10,7 +10,7 @@ import numpy as np
 from jax import Array
 
 from ._types import Cell, StepOutput
-from ._unroll import cast_floats, initial_carry, prepare
+from ._unroll import cast_floats, initial_carry, prepare, scan
 
 
 def outputs_of(ys: Any) -> Any:
@@ -27,7 +27,7 @@ def _output_jacobian_jit(
     def outputs(params: Any) -> Any:
         cast = cast_floats(params, dtype)
         carry = initial_carry(cell, cast, state0, batch_shape)
-        _, ys = jax.lax.scan(functools.partial(cell.step, cast), carry, xs)
+        _, ys = scan(functools.partial(cell.step, cast), carry, xs)
         return outputs_of(ys)
 
     return jax.jacrev(outputs)(params)

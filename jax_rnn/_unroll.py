@@ -13,6 +13,7 @@ from jax import Array
 from . import _checks
 from ._types import Cell
 
+
 def _check_cell(where: str, cell: Any) -> None:
     if not isinstance(cell, Cell):
         fields = ("init", "step", "initial_state")
@@ -126,8 +127,17 @@ def _unroll_jit(
 ) -> tuple[Any, Any]:
     params, xs, state0 = cast_floats((params, xs, state0), dtype)
     carry = initial_carry(cell, params, state0, batch_shape)
-    return jax.lax.scan(functools.partial(cell.step, params), carry, xs, reverse=reverse,
-                        unroll=unroll)
+    return scan(functools.partial(cell.step, params), carry, xs, reverse=reverse, unroll=unroll)
+
+
+def scan(step: Any, carry: Any, xs: Any, **kwargs: Any) -> tuple[Any, Any]:
+    """:func:`jax.lax.scan`, also for zero-length ``xs`` under ``jax.disable_jit()``."""
+    length = jax.tree.leaves(xs)[0].shape[0]
+    if length == 0:
+        one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
+        _, ys = jax.eval_shape(step, carry, one)
+        return carry, jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), ys)
+    return jax.lax.scan(step, carry, xs, **kwargs)
 
 
 def unroll(

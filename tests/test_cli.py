@@ -1,0 +1,57 @@
+"""The `jax-rnn` command line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from jax_rnn._cli import main
+
+from .test_core import NOTEBOOK_PRINTED
+
+
+def test_demo_prints_the_notebook_digits(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    for field, label in [("pre_activation", "pre-activation:"), ("state", "state:"),
+                         ("output", "output:")]:
+        lines = [line.split(label, 1)[1].strip() for line in out.splitlines()
+                 if line.strip().startswith(label)]
+        assert lines == NOTEBOOK_PRINTED[field]
+    assert "gradient of the last output" in out
+    assert "b_output      [1.]" in out
+
+
+def test_demo_json_matches_numpy(capsys):
+    assert main(["demo", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert len(doc["steps"]) == 5
+    # The notebook's loop in numpy, and the last output's gradient by central differences.
+    w_s = np.array([[0.1, 0.2], [0.3, 0.4]])
+    w_i, b, w_o = np.array([0.5, 0.6]), np.array([0.1, -0.1]), np.array([1.0, 2.0])
+
+    def run(w_s=w_s, w_i=w_i, b=b, w_o=w_o, b_o=0.1):
+        h = np.zeros(2)
+        for x in range(1, 6):
+            h = np.tanh(h @ w_s + x * w_i + b)
+        return h @ w_o + b_o, h
+
+    last, h = run()
+    assert np.isclose(doc["steps"][-1]["output"][0], last, rtol=1e-15)
+    np.testing.assert_allclose(doc["steps"][-1]["state"], h, rtol=1e-15)
+    eps, fd = 1e-6, np.zeros((2, 2))
+    for idx in np.ndindex(2, 2):
+        d = np.zeros((2, 2))
+        d[idx] = eps
+        fd[idx] = (run(w_s=w_s + d)[0] - run(w_s=w_s - d)[0]) / (2 * eps)
+    np.testing.assert_allclose(doc["grad_last_output"]["w_cell_state"], fd, rtol=1e-7)
+    np.testing.assert_allclose(doc["grad_last_output"]["w_output"], h[:, None], rtol=1e-15)
+
+
+def test_module_entry_point_defaults_to_demo():
+    out = subprocess.run([sys.executable, "-m", "jax_rnn"], capture_output=True, text=True,
+                         check=True).stdout
+    assert "[0.53704957 0.46211716]" in out
