@@ -21,7 +21,9 @@ _ArrayLike = Any
 
 def shape_dtype(where: str, name: str, value: _ArrayLike) -> tuple[tuple[int, ...], np.dtype]:
     """Returns ``(shape, dtype)`` of an array-like, or raises a TypeError naming ``where``."""
-    if isinstance(value, jax.Array | np.ndarray | np.generic) or hasattr(value, "aval"):
+    if isinstance(value, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct) or hasattr(
+        value, "aval"
+    ):
         shape, dtype = tuple(value.shape), np.dtype(value.dtype)
     elif isinstance(value, bool | int | float | list | tuple):
         try:

@@ -10,7 +10,7 @@ import numpy as np
 from jax import Array
 
 from ._types import Cell, StepOutput
-from ._unroll import cast_floats, initial_carry, prepare, scan
+from ._unroll import Options, _unroll_jit, checked_call
 
 
 def outputs_of(ys: Any) -> Any:
@@ -18,22 +18,46 @@ def outputs_of(ys: Any) -> Any:
     return ys.output if isinstance(ys, StepOutput) else ys
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "dtype", "batch_shape"))
+@functools.partial(
+    jax.jit, static_argnames=("model", "opts", "dtype", "batch_shape", "time_major")
+)
 def _output_jacobian_jit(
-    cell: Any, params: Any, xs: Any, state0: Any, *, dtype: np.dtype | None, batch_shape: tuple
+    model: Any,
+    params: Any,
+    xs: Any,
+    state0: Any,
+    lengths: Any,
+    resets: Any,
+    dropout_key: Any,
+    *,
+    opts: Options,
+    dtype: np.dtype | None,
+    batch_shape: tuple,
+    time_major: bool,
 ) -> Any:
-    xs, state0 = cast_floats((xs, state0), dtype)
-
     def outputs(params: Any) -> Any:
-        cast = cast_floats(params, dtype)
-        carry = initial_carry(cell, cast, state0, batch_shape)
-        _, ys = scan(functools.partial(cell.step, cast), carry, xs)
+        _, ys = _unroll_jit(model, params, xs, state0, lengths, resets, dropout_key, opts=opts,
+                            dtype=dtype, batch_shape=batch_shape, time_major=time_major)
         return outputs_of(ys)
 
     return jax.jacrev(outputs)(params)
 
 
-def output_jacobian(cell: Cell, params: Any, xs: Array, state0: Any = None) -> Any:
+def output_jacobian(
+    cell: Cell,
+    params: Any,
+    xs: Array,
+    state0: Any = None,
+    *,
+    seq_lengths: Any = None,
+    reverse: bool = False,
+    time_major: bool = True,
+    resets: Any = None,
+    remat: int | bool = False,
+    truncate: int | None = None,
+    dropout_key: Array | None = None,
+    unroll: int | bool = 1,
+) -> Any:
     r"""The Jacobian of every output with respect to every weight, through time.
 
     For outputs :math:`y_t` of shape ``(*batch, O)`` this returns, for each params leaf
@@ -44,14 +68,23 @@ def output_jacobian(cell: Cell, params: Any, xs: Array, state0: Any = None) -> A
     ``None`` fields (no readout, no bias) stay ``None``.
 
     It is reverse-mode over the outputs (:func:`jax.jacrev`), jit-compiled and cached like
-    :func:`unroll`. For a scalar loss, ``jax.grad`` of a function of ``unroll`` is cheaper:
-    see the tutorial.
+    :func:`unroll`, and takes the same keyword options. For a scalar loss,
+    ``jax.grad`` of a function of ``unroll`` is cheaper: see the gradients guide.
 
     Args:
-        cell: a :class:`Cell`.
-        params: the cell's params.
+        cell: a :class:`Cell`, :class:`Stack` or :class:`Bidirectional`.
+        params: the model's params.
         xs: inputs shaped ``(T, *batch, I)``.
         state0: the initial state, as for :func:`unroll`.
+        seq_lengths: as for :func:`unroll`.
+        reverse: as for :func:`unroll`.
+        time_major: as for :func:`unroll`; with ``False`` the leading axes are
+            ``(*batch, T, O)``.
+        resets: as for :func:`unroll`.
+        remat: as for :func:`unroll`.
+        truncate: as for :func:`unroll` (the Jacobian is then the truncated one).
+        dropout_key: as for :func:`unroll`.
+        unroll: as for :func:`unroll`.
 
     Returns:
         a pytree shaped like ``params``.
@@ -64,7 +97,7 @@ def output_jacobian(cell: Cell, params: Any, xs: Array, state0: Any = None) -> A
         >>> print(jac.b_output[:, 0, 0])  # d y_t / d b_output = 1 at every step
         [1. 1. 1. 1. 1.]
     """
-    prep = prepare("jax_rnn.output_jacobian", cell, params, xs, state0)
-    return _output_jacobian_jit(
-        cell, params, prep.xs, prep.state0, dtype=prep.dtype, batch_shape=prep.batch_shape
-    )
+    return checked_call("jax_rnn.output_jacobian", _output_jacobian_jit, cell, params, xs,
+                        state0, seq_lengths=seq_lengths, reverse=reverse,
+                        time_major=time_major, resets=resets, remat=remat, truncate=truncate,
+                        dropout_key=dropout_key, unroll=unroll, check_finite=False)

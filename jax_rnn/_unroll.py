@@ -1,9 +1,10 @@
-"""Unrolling a cell over time with :func:`jax.lax.scan`."""
+"""Unrolling a cell (or a stack / bidirectional model) over time with :func:`jax.lax.scan`."""
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -11,78 +12,222 @@ import numpy as np
 from jax import Array
 
 from . import _checks
-from ._types import Cell
+from ._compose import (
+    Bidirectional,
+    BidirectionalParams,
+    BidirectionalState,
+    Stack,
+    concat_outputs,
+    output_size_of,
+)
+from ._types import Cell, StepOutput
+
+# --------------------------------------------------------------------------------------
+# Checks (Python, on shapes, before tracing)
 
 
 def _check_cell(where: str, cell: Any) -> None:
-    if not isinstance(cell, Cell):
-        fields = ("init", "step", "initial_state")
-        if all(callable(getattr(cell, f, None)) for f in fields):
-            return
-        raise TypeError(
-            f"`{where}`: `cell` must be a jax_rnn.Cell (init, step, initial_state), got "
-            f"{type(cell).__name__}; use e.g. `jax_rnn.elman` or build "
-            "`jax_rnn.Cell(init, step, initial_state)`."
-        )
+    if isinstance(cell, Cell | Stack | Bidirectional):
+        return
+    if all(callable(getattr(cell, f, None)) for f in ("init", "step", "initial_state")):
+        return
+    raise TypeError(
+        f"`{where}`: `cell` must be a jax_rnn.Cell (init, step, initial_state), a Stack or a "
+        f"Bidirectional, got {type(cell).__name__}; use e.g. `jax_rnn.elman` or build "
+        "`jax_rnn.Cell(init, step, initial_state)`."
+    )
 
 
-class Prepared:
-    """Checked inputs: arrays, their batch shape and the float dtype to compute in."""
+class Prepared(NamedTuple):
+    """Checked inputs: arrays, their time-major batch shape and the float dtype."""
 
-    __slots__ = ("xs", "state0", "dtype", "batch_shape")
+    xs: Any
+    state0: Any
+    dtype: np.dtype | None
+    batch_shape: tuple
+    length: int
 
-    def __init__(self, xs: Any, state0: Any, dtype: np.dtype | None, batch_shape: tuple) -> None:
-        self.xs, self.state0, self.dtype, self.batch_shape = xs, state0, dtype, batch_shape
+
+def _time_major_struct(where: str, xs: Any, time_major: bool) -> tuple[Any, int]:
+    """The time-major shape of ``xs`` (as a ShapeDtypeStruct) and its length."""
+    shape, dtype = _checks.shape_dtype(where, "xs", xs)
+    if not time_major:
+        if len(shape) < 2:
+            raise ValueError(
+                f"`{where}`: `xs` has shape {shape}; with time_major=False it must be shaped "
+                "(*batch, time, features)."
+            )
+        shape = (shape[-2], *shape[:-2], shape[-1])
+    if len(shape) == 0:
+        raise ValueError(f"`{where}`: `xs` is a scalar; pass inputs shaped (time, ..., features).")
+    return jax.ShapeDtypeStruct(shape, dtype), shape[0]
 
 
-def prepare(where: str, cell: Any, params: Any, xs: Any, state0: Any) -> Prepared:
-    """Checks ``(cell, params, xs, state0)`` before tracing; see :func:`unroll`."""
-    _check_cell(where, cell)
-    expected = _checks.params_type_of(cell)
+def _check_model(
+    where: str,
+    model: Any,
+    params: Any,
+    x: Any,
+    state0: Any,
+    batch: tuple,
+    dtypes: list,
+    x_name: str = "xs",
+) -> Any:
+    """Checks one model level; returns the struct of what it emits (or None if unknown)."""
+    if isinstance(model, Stack):
+        if not isinstance(params, tuple | list) or len(params) != len(model.layers):
+            raise TypeError(
+                f"`{where}`: a Stack of {len(model.layers)} layers takes a tuple of "
+                f"{len(model.layers)} params, got {type(params).__name__}"
+                + (f" of length {len(params)}" if isinstance(params, tuple | list) else "")
+                + "; build them with `model.init(key, ...)`."
+            )
+        if state0 is not None and (
+            not isinstance(state0, tuple | list) or len(state0) != len(model.layers)
+        ):
+            raise TypeError(
+                f"`{where}`: `state0` for a Stack of {len(model.layers)} layers must be a tuple "
+                "with one carry (or None) per layer."
+            )
+        states = state0 if state0 is not None else (None,) * len(model.layers)
+        for layer, p, s in zip(model.layers, params, states, strict=True):
+            x = _check_model(where, layer, p, x, s, batch, dtypes, x_name)
+            x_name = "the previous layer's output"
+        return x
+    if isinstance(model, Bidirectional):
+        if not isinstance(params, BidirectionalParams):
+            raise TypeError(
+                f"`{where}`: a Bidirectional layer takes BidirectionalParams(forward, backward), "
+                f"got {type(params).__name__}; build them with `model.init(key, ...)`."
+            )
+        if state0 is not None and not (isinstance(state0, tuple) and len(state0) == 2):
+            raise TypeError(
+                f"`{where}`: `state0` for a Bidirectional layer must be "
+                "BidirectionalState(forward, backward) or None."
+            )
+        s_fw, s_bw = (None, None) if state0 is None else state0
+        a = _check_model(where, model.forward, params.forward, x, s_fw, batch, dtypes, x_name)
+        b = _check_model(where, model.backward, params.backward, x, s_bw, batch, dtypes, x_name)
+        if a is None or b is None:
+            return None
+        return jax.ShapeDtypeStruct((*a.shape[:-1], a.shape[-1] + b.shape[-1]), a.dtype)
+    _check_cell(where, model)
+    expected = _checks.params_type_of(model)
     if expected is not None and type(params) is not expected:
         raise TypeError(
             f"`{where}`: this cell takes {expected.__name__} but `params` is "
             f"{type(params).__name__}; pass the params made by the same cell's `init`."
         )
     spec = _checks.spec_of(params)
-    if spec is None:  # a user cell: only the time axis can be checked
-        leaves = jax.tree.leaves(xs)
-        if not leaves:
-            raise ValueError(f"`{where}`: `xs` has no arrays; pass inputs shaped (time, ...).")
+    if spec is None:  # a user cell: nothing more is known about its shapes
+        return None
+    input_size, _, params_dtype = spec.shapes(where, params)
+    dtypes.append(params_dtype)
+    if x is not None:
+        _, x_dtype = _checks.check_inputs(where, x, input_size, time_axis=True, name=x_name)
+        dtypes.append(x_dtype)
+    if state0 is not None:
+        spec.check_carry(where, params, state0, batch)
+        dtypes.extend(_checks.carry_dtypes(where, state0))
+    length = x.shape[0] if x is not None else 0
+    return jax.ShapeDtypeStruct((length, *batch, output_size_of(model, params)), params_dtype)
+
+
+def prepare(
+    where: str, cell: Any, params: Any, xs: Any, state0: Any, *, time_major: bool = True
+) -> Prepared:
+    """Checks ``(cell, params, xs, state0)`` before tracing; see :func:`unroll`."""
+    _check_cell(where, cell)
+    if not jax.tree.leaves(xs):
+        raise ValueError(f"`{where}`: `xs` has no arrays; pass inputs shaped (time, ...).")
+    if isinstance(xs, dict | tuple | list) and not _is_numeric_nested(xs):
+        # A pytree of inputs, for user cells: only the shared time axis can be checked.
         xs = jax.tree.map(_checks.as_array, xs)
-        lengths = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(xs)}
+        leaves = jax.tree.leaves(xs)
+        lengths = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
         if None in lengths or len(lengths) != 1:
             raise ValueError(
                 f"`{where}`: every leaf of `xs` needs the same leading time axis, got shapes "
-                f"{[np.shape(leaf) for leaf in jax.tree.leaves(xs)]}."
+                f"{[np.shape(leaf) for leaf in leaves]}."
             )
+        if not time_major:
+            raise ValueError(f"`{where}`: time_major=False needs `xs` to be one array.")
         batch = tuple(np.shape(leaves[0])[1:-1])
-        return Prepared(xs, state0, None, batch)
-    input_size, _, params_dtype = spec.shapes(where, params)
-    shape, x_dtype = _checks.check_inputs(where, xs, input_size, time_axis=True)
-    batch = shape[1:-1]
-    dtypes = [params_dtype, x_dtype]
-    if state0 is not None:
-        spec.check_carry(where, params, state0, batch)
-        dtypes += _checks.carry_dtypes(where, state0)
-        state0 = jax.tree.map(_checks.as_array, state0)
-    return Prepared(_checks.as_array(xs), state0, _checks.float_dtype(*dtypes), batch)
+        _check_model(where, cell, params, None, state0, batch, [])
+        return Prepared(xs, state0, None, batch, int(lengths.pop()))
+    x, length = _time_major_struct(where, xs, time_major)
+    batch = tuple(x.shape[1:-1])
+    dtypes: list = []
+    _check_model(where, cell, params, x, state0, batch, dtypes)
+    if not dtypes:  # user cells only: keep the caller's dtypes
+        dtype = None
+    else:
+        dtype = _checks.float_dtype(*dtypes, x.dtype)
+    state0 = None if state0 is None else jax.tree.map(_checks.as_array, state0)
+    return Prepared(_checks.as_array(xs), state0, dtype, batch, int(length))
 
 
-def cast_floats(tree: Any, dtype: np.dtype | None) -> Any:
-    """Casts every leaf to ``dtype`` (``None``: leave as is)."""
-    if dtype is None:
-        return tree
-    return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
+def _is_numeric_nested(xs: Any) -> bool:
+    """True for a nested list of numbers (one array), False for a pytree of arrays."""
+    if isinstance(xs, dict):
+        return False
+    return all(not isinstance(leaf, Array | np.ndarray) for leaf in jax.tree.leaves(xs))
 
 
-def initial_carry(cell: Any, params: Any, state0: Any, batch_shape: tuple) -> Any:
-    """``state0`` broadcast over the batch, or the cell's zeros when ``state0`` is None."""
-    if state0 is None:
-        return cell.initial_state(params, batch_shape)
-    if _checks.spec_of(params) is None:
-        return state0
-    return jax.tree.map(lambda a: jnp.broadcast_to(a, (*batch_shape, a.shape[-1])), state0)
+def _check_seq_lengths(where: str, seq_lengths: Any, batch: tuple, length: int) -> Any:
+    shape, dtype = _checks.shape_dtype(where, "seq_lengths", seq_lengths)
+    if dtype.kind not in "iu":
+        raise TypeError(
+            f"`{where}`: `seq_lengths` has dtype {dtype}, expected integers; pass e.g. "
+            "`jnp.asarray(lengths, dtype=jnp.int32)`."
+        )
+    if shape != batch:
+        raise ValueError(
+            f"`{where}`: `seq_lengths` has shape {shape}, expected the batch shape {batch} "
+            "(one length per sequence)."
+        )
+    seq_lengths = _checks.as_array(seq_lengths)
+    if not isinstance(seq_lengths, jax.core.Tracer):
+        values = np.asarray(seq_lengths)
+        if values.size and (values.min() < 0 or values.max() > length):
+            raise ValueError(
+                f"`{where}`: `seq_lengths` must lie in [0, {length}] (the time axis), got "
+                f"values from {values.min()} to {values.max()}."
+            )
+    return seq_lengths
+
+
+def _check_resets(where: str, resets: Any, batch: tuple, length: int, time_major: bool) -> Any:
+    shape, dtype = _checks.shape_dtype(where, "resets", resets)
+    expected = (length, *batch) if time_major else (*batch, length)
+    if shape != expected:
+        raise ValueError(
+            f"`{where}`: `resets` has shape {shape}, expected {expected}: one flag per step "
+            "and sequence, laid out like `xs` without its feature axis."
+        )
+    if dtype.kind not in "biu":
+        raise TypeError(f"`{where}`: `resets` must be booleans, got dtype {dtype}.")
+    return _checks.as_array(resets)
+
+
+def _check_options(where: str, unroll: Any, remat: Any, truncate: Any) -> None:
+    if not isinstance(unroll, bool) and (not isinstance(unroll, int | np.integer) or unroll < 1):
+        raise ValueError(
+            f"`{where}`: `unroll` must be a positive int (steps per loop iteration) or a "
+            f"bool, got {unroll!r}."
+        )
+    if not isinstance(remat, bool) and (not isinstance(remat, int | np.integer) or remat < 1):
+        raise ValueError(
+            f"`{where}`: `remat` must be a bool or a positive int (steps per checkpointed "
+            f"chunk), got {remat!r}."
+        )
+    if truncate is not None and (
+        isinstance(truncate, bool) or not isinstance(truncate, int | np.integer) or truncate < 1
+    ):
+        raise ValueError(
+            f"`{where}`: `truncate` must be None or a positive int (steps that gradients "
+            f"flow back through), got {truncate!r}."
+        )
 
 
 def check_finite_inputs(where: str, **trees: Any) -> None:
@@ -103,31 +248,39 @@ def check_finite_inputs(where: str, **trees: Any) -> None:
                 )
 
 
-def _check_unroll_factor(where: str, unroll: Any) -> None:
-    if isinstance(unroll, bool):
-        return
-    if not isinstance(unroll, int | np.integer) or unroll < 1:
-        raise ValueError(
-            f"`{where}`: `unroll` must be a positive int (steps per loop iteration) or a "
-            f"bool, got {unroll!r}."
-        )
+# --------------------------------------------------------------------------------------
+# The traced implementation
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "reverse", "unroll", "dtype", "batch_shape"))
-def _unroll_jit(
-    cell: Any,
-    params: Any,
-    xs: Any,
-    state0: Any,
-    *,
-    reverse: bool,
-    unroll: int | bool,
-    dtype: np.dtype | None,
-    batch_shape: tuple,
-) -> tuple[Any, Any]:
-    params, xs, state0 = cast_floats((params, xs, state0), dtype)
-    carry = initial_carry(cell, params, state0, batch_shape)
-    return scan(functools.partial(cell.step, params), carry, xs, reverse=reverse, unroll=unroll)
+class Options(NamedTuple):
+    """Static options of one unroll (hashable: part of the jit cache key)."""
+
+    reverse: bool = False
+    unroll: int | bool = 1
+    remat: int | bool = False
+    truncate: int | None = None
+
+
+def cast_floats(tree: Any, dtype: np.dtype | None) -> Any:
+    """Casts every leaf to ``dtype`` (``None``: leave as is)."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
+
+
+def initial_carry(cell: Any, params: Any, state0: Any, batch_shape: tuple) -> Any:
+    """``state0`` broadcast over the batch, or the cell's zeros when ``state0`` is None."""
+    if state0 is None:
+        return cell.initial_state(params, batch_shape)
+    if _checks.spec_of(params) is None:
+        return state0
+    template = cell.initial_state(params, batch_shape)
+    # A plain tuple (h, c) takes the structure of the cell's own carry (e.g. LSTMState).
+    leaves = [
+        jnp.broadcast_to(jnp.asarray(a, t.dtype), t.shape)
+        for a, t in zip(jax.tree.leaves(state0), jax.tree.leaves(template), strict=True)
+    ]
+    return jax.tree.unflatten(jax.tree.structure(template), leaves)
 
 
 def scan(step: Any, carry: Any, xs: Any, **kwargs: Any) -> tuple[Any, Any]:
@@ -140,30 +293,256 @@ def scan(step: Any, carry: Any, xs: Any, **kwargs: Any) -> tuple[Any, Any]:
     return jax.lax.scan(step, carry, xs, **kwargs)
 
 
-def unroll(
-    cell: Cell,
+def _bcast(mask: Array, like: Array) -> Array:
+    """``mask`` (*batch) with trailing unit axes so that it broadcasts against ``like``."""
+    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
+
+
+def _where(mask: Array | None, new: Any, old: Any) -> Any:
+    if mask is None:
+        return new
+    return jax.tree.map(lambda n, o: jnp.where(_bcast(mask, n), n, o), new, old)
+
+
+def _zero_invalid(mask: Array | None, tree: Any) -> Any:
+    if mask is None:
+        return tree
+    return jax.tree.map(lambda a: jnp.where(_bcast(mask, a), a, jnp.zeros((), a.dtype)), tree)
+
+
+def prefix_reverse_index(lengths: Array, length: int) -> Array:
+    """Index ``(T, *batch)`` reversing each sequence's valid prefix in place.
+
+    ``idx[t, b] = lengths[b] - 1 - t`` for ``t < lengths[b]``, else ``t``: applying it
+    twice is the identity, so the same index maps outputs back.
+    """
+    t = jnp.arange(length).reshape((length,) + (1,) * lengths.ndim)
+    return jnp.where(t < lengths, lengths - 1 - t, t)
+
+
+def _take_time(tree: Any, idx: Array) -> Any:
+    return jax.tree.map(lambda a: jnp.take_along_axis(a, _bcast(idx, a), axis=0), tree)
+
+
+def _run_cell(
+    cell: Any,
     params: Any,
-    xs: Array,
+    xs: Any,
+    state0: Any,
+    lengths: Array | None,
+    resets: Array | None,
+    opts: Options,
+    reverse: bool,
+    batch_shape: tuple,
+) -> tuple[Any, Any]:
+    length = jax.tree.leaves(xs)[0].shape[0]
+    carry0 = initial_carry(cell, params, state0, batch_shape)
+    step = functools.partial(cell.step, params)
+    if length == 0:
+        return scan(step, carry0, xs)
+    perm = None
+    if lengths is not None and reverse:
+        perm = prefix_reverse_index(lengths, length)
+        xs = _take_time(xs, perm)
+        resets = None if resets is None else _take_time(resets, perm)
+        reverse = False
+    t = jnp.arange(length)
+    valid = None
+    if lengths is not None:
+        valid = t.reshape((length,) + (1,) * lengths.ndim) < lengths
+    chunk = 0
+    if opts.remat is not False:
+        chunk = math.isqrt(length - 1) + 1 if opts.remat is True else int(opts.remat)
+        chunk = min(chunk, length)
+    padded = -length % chunk if chunk else 0
+    if padded:  # pad to whole chunks; padded steps are masked out
+        if valid is None:
+            valid = jnp.broadcast_to(t.reshape((length,) + (1,) * len(batch_shape)) >= 0,
+                                     (length, *batch_shape))
+        xs, valid, resets = jax.tree.map(
+            lambda a: jnp.concatenate([a, jnp.zeros((padded, *a.shape[1:]), a.dtype)]),
+            (xs, valid, resets),
+        )
+        t = jnp.arange(length + padded)
+    # Position in processing order, for truncation boundaries (padding never cuts).
+    position = (length - 1 - t) if reverse else t
+    cut = None
+    if opts.truncate is not None:
+        cut = (position % opts.truncate == 0) & (position > 0) & (t < length)
+
+    def body(carry: Any, inputs: Any) -> tuple[Any, Any]:
+        x, valid_t, reset_t, cut_t = inputs
+        if reset_t is not None:
+            carry = _where(reset_t.astype(bool), carry0, carry)
+        if cut_t is not None:
+            carry = jax.tree.map(
+                lambda c: jnp.where(cut_t, jax.lax.stop_gradient(c), c), carry
+            )
+        new, y = step(carry, x)
+        return _where(valid_t, new, carry), _zero_invalid(valid_t, y)
+
+    inputs = (xs, valid, resets, cut)
+    if chunk:
+        n = (length + padded) // chunk
+        chunked = jax.tree.map(lambda a: a.reshape((n, chunk, *a.shape[1:])), inputs)
+
+        @jax.checkpoint
+        def chunk_body(carry: Any, chunk_inputs: Any) -> tuple[Any, Any]:
+            return jax.lax.scan(body, carry, chunk_inputs, reverse=reverse, unroll=opts.unroll)
+
+        final, ys = jax.lax.scan(chunk_body, carry0, chunked, reverse=reverse)
+        ys = jax.tree.map(lambda a: a.reshape((n * chunk, *a.shape[2:]))[:length], ys)
+    else:
+        final, ys = jax.lax.scan(body, carry0, inputs, reverse=reverse, unroll=opts.unroll)
+    if perm is not None:
+        ys = _take_time(ys, perm)
+    return final, ys
+
+
+def _dropout(key: Array, rate: float, tree: Any) -> Any:
+    keep = 1.0 - rate
+
+    def one(a: Array) -> Array:
+        mask = jax.random.bernoulli(key, keep, a.shape)
+        return jnp.where(mask, a / keep, jnp.zeros((), a.dtype))
+
+    return jax.tree.map(one, tree)
+
+
+def _run_model(
+    model: Any,
+    params: Any,
+    xs: Any,
+    state0: Any,
+    lengths: Array | None,
+    resets: Array | None,
+    dropout_key: Array | None,
+    opts: Options,
+    reverse: bool,
+    batch_shape: tuple,
+) -> tuple[Any, Any]:
+    if isinstance(model, Stack):
+        states = state0 if state0 is not None else (None,) * len(model.layers)
+        finals = []
+        ys: Any = None
+        for i, (layer, p, s) in enumerate(zip(model.layers, params, states, strict=True)):
+            if i > 0:
+                xs = ys.output if isinstance(ys, StepOutput) else ys
+                if dropout_key is not None and model.dropout > 0:
+                    xs = _dropout(jax.random.fold_in(dropout_key, i), model.dropout, xs)
+            final, ys = _run_model(
+                layer, p, xs, s, lengths, resets, dropout_key, opts, reverse, batch_shape
+            )
+            finals.append(final)
+        return tuple(finals), ys
+    if isinstance(model, Bidirectional):
+        s_fw, s_bw = (None, None) if state0 is None else state0
+        f_fw, y_fw = _run_model(
+            model.forward, params.forward, xs, s_fw, lengths, resets, dropout_key, opts,
+            reverse, batch_shape,
+        )
+        f_bw, y_bw = _run_model(
+            model.backward, params.backward, xs, s_bw, lengths, resets, dropout_key, opts,
+            not reverse, batch_shape,
+        )
+        return BidirectionalState(f_fw, f_bw), concat_outputs(y_fw, y_bw)
+    return _run_cell(model, params, xs, state0, lengths, resets, opts, reverse, batch_shape)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "opts", "dtype", "batch_shape", "time_major")
+)
+def _unroll_jit(
+    model: Any,
+    params: Any,
+    xs: Any,
+    state0: Any,
+    lengths: Any,
+    resets: Any,
+    dropout_key: Any,
+    *,
+    opts: Options,
+    dtype: np.dtype | None,
+    batch_shape: tuple,
+    time_major: bool,
+) -> tuple[Any, Any]:
+    params, xs, state0 = cast_floats((params, xs, state0), dtype)
+    if not time_major:
+        xs = jnp.moveaxis(xs, -2, 0)
+        resets = None if resets is None else jnp.moveaxis(resets, -1, 0)
+    final, ys = _run_model(
+        model, params, xs, state0, lengths, resets, dropout_key, opts, opts.reverse, batch_shape
+    )
+    if not time_major:
+        ys = jax.tree.map(lambda a: jnp.moveaxis(a, 0, len(batch_shape)), ys)
+    return final, ys
+
+
+def _has_dropout(model: Any) -> bool:
+    if isinstance(model, Stack):
+        return model.dropout > 0 or any(_has_dropout(layer) for layer in model.layers)
+    if isinstance(model, Bidirectional):
+        return _has_dropout(model.forward) or _has_dropout(model.backward)
+    return False
+
+
+def unroll(
+    cell: Any,
+    params: Any,
+    xs: Any,
     state0: Any = None,
     *,
+    seq_lengths: Any = None,
     reverse: bool = False,
+    time_major: bool = True,
+    resets: Any = None,
+    remat: int | bool = False,
+    truncate: int | None = None,
+    dropout_key: Array | None = None,
     unroll: int | bool = 1,
     check_finite: bool = False,
 ) -> tuple[Any, Any]:
-    """Runs ``cell`` over the leading (time) axis of ``xs`` with :func:`jax.lax.scan`.
+    """Runs ``cell`` over the time axis of ``xs`` with :func:`jax.lax.scan`.
 
     The scan is jit-compiled and cached per cell, option and input shape, so calling
     ``unroll`` again with same-shaped inputs does not retrace. It composes with
-    :func:`jax.jit`, :func:`jax.grad` and :func:`jax.vmap`.
+    :func:`jax.jit`, :func:`jax.grad` and :func:`jax.vmap`. ``cell`` may also be a
+    :func:`stack` or a :func:`bidirectional` layer, which run layer by layer with every
+    option applied to each layer.
 
     Args:
-        cell: a :class:`Cell`, e.g. :data:`jax_rnn.elman`.
-        params: the cell's params (from ``cell.init``).
-        xs: inputs shaped ``(T, *batch, I)``; ``T`` may be 0. Integer inputs are promoted
-            to the params' float dtype; mixed float dtypes promote as numpy does.
+        cell: a :class:`Cell` (e.g. :data:`jax_rnn.elman`), a :class:`Stack` or a
+            :class:`Bidirectional`.
+        params: the model's params (from its ``init``).
+        xs: inputs shaped ``(T, *batch, I)`` (``(*batch, T, I)`` with
+            ``time_major=False``); ``T`` may be 0. Integer inputs are promoted to the
+            params' float dtype; mixed float dtypes promote as numpy does.
         state0: the initial carry, ``(*batch, H)`` or broadcastable to it; ``None`` means
             ``cell.initial_state(params, batch)`` (zeros).
+        seq_lengths: ints shaped ``batch`` with each sequence's length in ``[0, T]``.
+            Steps at or past a sequence's length leave its carry unchanged and output
+            zeros, so the final state is the state after its last valid step and padding
+            never reaches the results or the gradients. With ``reverse=True`` each valid
+            prefix is read backwards in place (PyTorch packed sequences, Flax
+            ``seq_lengths``).
         reverse: run from the last step to the first; outputs stay at their time index.
+        time_major: ``False`` for batch-major inputs ``(*batch, T, I)`` as Flax and Keras
+            take them; outputs then come back batch-major too.
+        resets: booleans shaped like ``xs`` without the feature axis. Where
+            ``resets[t, b]`` is true, sequence ``b``'s carry restarts from ``state0``
+            (zeros if ``None``) before step ``t``: several episodes packed in one
+            sequence, as Haiku's ``ResetCore``.
+        remat: ``True`` or a chunk size ``k`` checkpoints the scan (:func:`jax.checkpoint`)
+            in chunks of ``k`` steps (``ceil(sqrt(T))`` for ``True``): the backward pass
+            stores one carry per chunk and recomputes each chunk, so its memory grows as
+            ``O(T / k + k)`` instead of ``O(T)``. Values and gradients are unchanged.
+        truncate: truncated backpropagation through time: the sequence is cut into
+            chunks of ``truncate`` steps (counted in processing order) and no gradient
+            flows through the carry across a chunk boundary, so the gradient of a loss at
+            step ``t`` reaches back at most to the start of its chunk. Values are
+            unchanged.
+        dropout_key: a :func:`jax.random.key` to apply a :func:`stack`'s dropout
+            (training); without it no dropout is applied (evaluation).
         unroll: steps per loop iteration, passed to :func:`jax.lax.scan`.
         check_finite: raise ``ValueError`` if ``xs``, ``params`` or ``state0`` hold NaN or
             Inf. Off by default: non-finite values then propagate through the outputs as
@@ -185,18 +564,55 @@ def unroll(
         >>> print(ys.output[:, 0].round(4))
         [1.5613 2.7271 3.0143 3.0738 3.0913]
     """
-    where = "jax_rnn.unroll"
-    _check_unroll_factor(where, unroll)
-    prep = prepare(where, cell, params, xs, state0)
+    return checked_call("jax_rnn.unroll", _unroll_jit, cell, params, xs, state0,
+                        seq_lengths=seq_lengths, reverse=reverse, time_major=time_major,
+                        resets=resets, remat=remat, truncate=truncate, dropout_key=dropout_key,
+                        unroll=unroll, check_finite=check_finite)
+
+
+def checked_call(
+    where: str,
+    impl: Any,
+    cell: Any,
+    params: Any,
+    xs: Any,
+    state0: Any,
+    *,
+    seq_lengths: Any,
+    reverse: bool,
+    time_major: bool,
+    resets: Any,
+    remat: int | bool,
+    truncate: int | None,
+    dropout_key: Array | None,
+    unroll: int | bool,
+    check_finite: bool,
+) -> Any:
+    """Checks every argument of :func:`unroll`, then calls the jitted ``impl``."""
+    _check_options(where, unroll, remat, truncate)
+    prep = prepare(where, cell, params, xs, state0, time_major=time_major)
+    if seq_lengths is not None:
+        seq_lengths = _check_seq_lengths(where, seq_lengths, prep.batch_shape, prep.length)
+    if resets is not None:
+        resets = _check_resets(where, resets, prep.batch_shape, prep.length, time_major)
+    if dropout_key is not None and not _has_dropout(cell):
+        raise ValueError(
+            f"`{where}`: `dropout_key` was given but the model has no dropout; build it with "
+            "`jax_rnn.stack(layers, dropout=p)` or drop the key."
+        )
     if check_finite:
         check_finite_inputs(where, xs=prep.xs, params=params, state0=prep.state0)
-    return _unroll_jit(
+    opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate))
+    return impl(
         cell,
         params,
         prep.xs,
         prep.state0,
-        reverse=bool(reverse),
-        unroll=unroll,
+        seq_lengths,
+        resets,
+        dropout_key,
+        opts=opts,
         dtype=prep.dtype,
         batch_shape=prep.batch_shape,
+        time_major=bool(time_major),
     )
