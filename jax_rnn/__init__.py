@@ -4,6 +4,7 @@ Pure cell steps ``step(params, carry, x) -> (carry, y)``, unrolled with
 :func:`jax.lax.scan` under ``jit``, with the gradients of the outputs exposed.
 """
 
+from . import interop as interop
 from . import reference as reference
 from ._compose import Bidirectional as Bidirectional
 from ._compose import BidirectionalParams as BidirectionalParams
@@ -49,6 +50,7 @@ __all__ = [
     "elman_relu",
     "elman_step",
     "generate",
+    "interop",
     "gru",
     "gru_step",
     "lstm",

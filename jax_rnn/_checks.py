@@ -218,6 +218,12 @@ def check_state_like(
     batch_shape: tuple[int, ...],
 ) -> None:
     """Checks one ``(*batch, H)`` state array: last axis H, batch axes broadcastable."""
+    if isinstance(value, tuple | list) and any(hasattr(v, "shape") for v in value):
+        raise TypeError(
+            f"`{where}`: `{name}` is a {type(value).__name__} of arrays, but this cell's state "
+            f"is one array shaped (*batch, {hidden_size}); a tuple state (h, c) belongs to "
+            "an LSTM."
+        )
     shape, _ = shape_dtype(where, name, value)
     if len(shape) == 0 or shape[-1] != hidden_size:
         raise ValueError(

@@ -1,4 +1,8 @@
-"""The ``jax-rnn`` command line: ``demo`` (default)."""
+"""The ``jax-rnn`` command line: ``demo`` (default), ``bench``, ``grad`` and ``train``.
+
+Each command but ``demo`` lives in its own module, imported only when it runs, so that
+``jax-rnn demo`` and ``import jax_rnn`` load neither matplotlib nor the benchmark peers.
+"""
 
 from __future__ import annotations
 
@@ -70,7 +74,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="print the same as JSON")
     demo.set_defaults(func=_demo)
+    for name, module, summary in _COMMANDS:
+        _add_lazy_command(sub, name, module, summary)
     return parser
+
+
+# (command, module, one-line help). Each module defines `add_arguments(parser)` and
+# `run(args) -> int`.
+_COMMANDS = [
+    ("bench", "jax_rnn._bench", "time jax_rnn against numpy, Flax, Haiku, Equinox and PyTorch"),
+    ("grad", "jax_rnn._experiments", "gradient flow through time: vanishing/exploding sweep"),
+    ("train", "jax_rnn._training", "train Elman, GRU and LSTM on the adding problem with optax"),
+]
+
+
+def _add_lazy_command(sub: Any, name: str, module_name: str, summary: str) -> None:
+    import importlib
+
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        return
+    parser = sub.add_parser(name, help=summary, description=module.__doc__)
+    module.add_arguments(parser)
+    parser.set_defaults(func=module.run)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -238,6 +238,7 @@ def elman_initial_state(params: ElmanParams, batch_shape: tuple[int, ...] = ()) 
     return state_zeros(params, batch_shape)
 
 
+elman_step.activation = jnp.tanh  # type: ignore[attr-defined]  # read by the fast path
 elman = Cell(init=elman_init, step=elman_step, initial_state=elman_initial_state)
 """The Elman cell of the seed notebook: ``Cell(elman_init, elman_step, elman_initial_state)``."""
 _checks.register_cell(elman_step, ElmanParams)
@@ -270,6 +271,7 @@ def make_elman(activation: Callable[[Array], Array]) -> Cell:
         return _elman_step_with(activation, where, params, state, x)
 
     step.__name__ = f"elman_{name}_step"
+    step.activation = activation  # type: ignore[attr-defined]  # read by the fast path
     step.__doc__ = f"One Elman step with `{name}` as the activation; see `elman_step`."
     _checks.register_cell(step, ElmanParams)
     return Cell(init=elman_init, step=step, initial_state=elman_initial_state)

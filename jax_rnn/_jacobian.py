@@ -56,6 +56,7 @@ def output_jacobian(
     remat: int | bool = False,
     truncate: int | None = None,
     dropout_key: Array | None = None,
+    impl: str = "fused",
     unroll: int | bool = 1,
 ) -> Any:
     r"""The Jacobian of every output with respect to every weight, through time.
@@ -84,6 +85,7 @@ def output_jacobian(
         remat: as for :func:`unroll`.
         truncate: as for :func:`unroll` (the Jacobian is then the truncated one).
         dropout_key: as for :func:`unroll`.
+        impl: as for :func:`unroll`.
         unroll: as for :func:`unroll`.
 
     Returns:
@@ -100,4 +102,4 @@ def output_jacobian(
     return checked_call("jax_rnn.output_jacobian", _output_jacobian_jit, cell, params, xs,
                         state0, seq_lengths=seq_lengths, reverse=reverse,
                         time_major=time_major, resets=resets, remat=remat, truncate=truncate,
-                        dropout_key=dropout_key, unroll=unroll, check_finite=False)
+                        dropout_key=dropout_key, impl=impl, unroll=unroll, check_finite=False)

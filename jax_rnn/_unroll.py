@@ -20,6 +20,8 @@ from ._compose import (
     concat_outputs,
     output_size_of,
 )
+from ._elman import readout
+from ._fused import fused_cell_of, fused_unroll
 from ._types import Cell, StepOutput
 
 # --------------------------------------------------------------------------------------
@@ -210,7 +212,15 @@ def _check_resets(where: str, resets: Any, batch: tuple, length: int, time_major
     return _checks.as_array(resets)
 
 
-def _check_options(where: str, unroll: Any, remat: Any, truncate: Any) -> None:
+IMPLS = ("fused", "scan")
+
+
+def _check_options(where: str, unroll: Any, remat: Any, truncate: Any, impl: Any) -> None:
+    if impl not in IMPLS:
+        raise ValueError(
+            f"`{where}`: `impl` must be one of {IMPLS}, got {impl!r}: \"fused\" is the fast "
+            "path of the built-in cells, \"scan\" plain autodiff through lax.scan."
+        )
     if not isinstance(unroll, bool) and (not isinstance(unroll, int | np.integer) or unroll < 1):
         raise ValueError(
             f"`{where}`: `unroll` must be a positive int (steps per loop iteration) or a "
@@ -259,6 +269,7 @@ class Options(NamedTuple):
     unroll: int | bool = 1
     remat: int | bool = False
     truncate: int | None = None
+    impl: str = "fused"
 
 
 def cast_floats(tree: Any, dtype: np.dtype | None) -> Any:
@@ -369,6 +380,12 @@ def _run_cell(
     cut = None
     if opts.truncate is not None:
         cut = (position % opts.truncate == 0) & (position > 0) & (t < length)
+    fused = fused_cell_of(cell, params) if opts.impl == "fused" and not chunk else None
+    if fused is not None:
+        resets = None if resets is None else resets.astype(bool)
+        final, ys = fused_unroll(fused, params, xs, carry0, valid, resets, cut, reverse,
+                                 opts.unroll, readout)
+        return final, (ys if perm is None else _take_time(ys, perm))
 
     def body(carry: Any, inputs: Any) -> tuple[Any, Any]:
         x, valid_t, reset_t, cut_t = inputs
@@ -499,6 +516,7 @@ def unroll(
     remat: int | bool = False,
     truncate: int | None = None,
     dropout_key: Array | None = None,
+    impl: str = "fused",
     unroll: int | bool = 1,
     check_finite: bool = False,
 ) -> tuple[Any, Any]:
@@ -543,6 +561,14 @@ def unroll(
             unchanged.
         dropout_key: a :func:`jax.random.key` to apply a :func:`stack`'s dropout
             (training); without it no dropout is applied (evaluation).
+        impl: ``"fused"`` (default): for the built-in cells, the input projection of all
+            steps is one matrix product before the loop and a hand-written backward pass
+            (:func:`jax.custom_vjp`) carries only state gradients through time, computing
+            the weight gradients afterwards as single contractions (cuDNN's scheme).
+            ``"scan"``: plain autodiff through :func:`jax.lax.scan`, for comparison and
+            for forward-mode autodiff (``jax.jvp``/``jax.jacfwd``), which a custom VJP
+            does not support. User cells and ``remat`` always run ``"scan"``. Both give
+            the same values and gradients up to float rounding.
         unroll: steps per loop iteration, passed to :func:`jax.lax.scan`.
         check_finite: raise ``ValueError`` if ``xs``, ``params`` or ``state0`` hold NaN or
             Inf. Off by default: non-finite values then propagate through the outputs as
@@ -567,12 +593,12 @@ def unroll(
     return checked_call("jax_rnn.unroll", _unroll_jit, cell, params, xs, state0,
                         seq_lengths=seq_lengths, reverse=reverse, time_major=time_major,
                         resets=resets, remat=remat, truncate=truncate, dropout_key=dropout_key,
-                        unroll=unroll, check_finite=check_finite)
+                        impl=impl, unroll=unroll, check_finite=check_finite)
 
 
 def checked_call(
     where: str,
-    impl: Any,
+    jitted: Any,
     cell: Any,
     params: Any,
     xs: Any,
@@ -585,11 +611,12 @@ def checked_call(
     remat: int | bool,
     truncate: int | None,
     dropout_key: Array | None,
+    impl: str,
     unroll: int | bool,
     check_finite: bool,
 ) -> Any:
-    """Checks every argument of :func:`unroll`, then calls the jitted ``impl``."""
-    _check_options(where, unroll, remat, truncate)
+    """Checks every argument of :func:`unroll`, then calls ``jitted`` with them."""
+    _check_options(where, unroll, remat, truncate, impl)
     prep = prepare(where, cell, params, xs, state0, time_major=time_major)
     if seq_lengths is not None:
         seq_lengths = _check_seq_lengths(where, seq_lengths, prep.batch_shape, prep.length)
@@ -602,17 +629,28 @@ def checked_call(
         )
     if check_finite:
         check_finite_inputs(where, xs=prep.xs, params=params, state0=prep.state0)
-    opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate))
-    return impl(
-        cell,
-        params,
-        prep.xs,
-        prep.state0,
-        seq_lengths,
-        resets,
-        dropout_key,
-        opts=opts,
-        dtype=prep.dtype,
-        batch_shape=prep.batch_shape,
-        time_major=bool(time_major),
-    )
+    opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate),
+                   impl)
+    try:
+        return jitted(
+            cell,
+            params,
+            prep.xs,
+            prep.state0,
+            seq_lengths,
+            resets,
+            dropout_key,
+            opts=opts,
+            dtype=prep.dtype,
+            batch_shape=prep.batch_shape,
+            time_major=bool(time_major),
+        )
+    except TypeError as err:
+        if "forward-mode autodiff" not in str(err):
+            raise
+        raise TypeError(
+            f"`{where}`: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) cannot go "
+            "through the fused fast path, whose backward pass is a custom VJP; call with "
+            "impl=\"scan\" for forward mode. Reverse mode (jax.grad, jax.jacrev, "
+            "output_jacobian) works with both."
+        ) from err

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jax_rnn
@@ -106,6 +106,7 @@ def test_unroll_matches_numpy_loop(problem):
         assert ys.output.shape == (0, *xs.shape[1:-1], params.w_output.shape[1])
 
 
+@settings(max_examples=6)
 @given(elman_problems(max_t=16, max_size=6))
 def test_jit_and_eager_agree(problem):
     params, xs, state0, dtype = problem

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jax_rnn
@@ -50,6 +50,7 @@ def _garbage_past_lengths(xs, lengths, seed):
     return out
 
 
+@settings(max_examples=12)
 @given(padded_problems(), st.booleans())
 def test_seq_lengths_match_reference(problem, reverse):
     name, params, xs, lengths, dtype = problem
@@ -62,6 +63,7 @@ def test_seq_lengths_match_reference(problem, reverse):
         np.testing.assert_allclose(a, b, **tol(dtype))
 
 
+@settings(max_examples=8)
 @given(padded_problems(dtypes=(np.float64,)), st.booleans())
 def test_padding_never_influences_values_or_gradients(problem, reverse):
     name, params, xs, lengths, _ = problem
@@ -159,6 +161,7 @@ def test_truncate_equals_hand_written_stop_gradient(k, reverse):
         assert not np.allclose(g.w_cell_state, full(params).w_cell_state)
 
 
+@settings(max_examples=6)
 @given(padded_problems(dtypes=(np.float64,)))
 def test_batch_major_equals_transposed(problem):
     name, params, xs, lengths, _ = problem
