@@ -29,6 +29,7 @@ from ._lstm import lstm_step as lstm_step
 from ._seed import seed_example as seed_example
 from ._types import Cell as Cell
 from ._types import StepOutput as StepOutput
+from ._unroll import default_unroll as default_unroll
 from ._unroll import unroll as unroll
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "stack",
     "ElmanParams",
     "StepOutput",
+    "default_unroll",
     "elman",
     "elman_relu",
     "elman_step",

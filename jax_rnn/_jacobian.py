@@ -57,7 +57,7 @@ def output_jacobian(
     truncate: int | None = None,
     dropout_key: Array | None = None,
     impl: str = "fused",
-    unroll: int | bool = 1,
+    unroll: int | bool | None = None,
 ) -> Any:
     r"""The Jacobian of every output with respect to every weight, through time.
 

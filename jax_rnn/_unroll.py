@@ -214,8 +214,28 @@ def _check_resets(where: str, resets: Any, batch: tuple, length: int, time_major
 
 IMPLS = ("fused", "scan")
 
+# Loop steps per iteration of lax.scan, per backend. CPU: 1 — factors 2 to 16 were no
+# faster for Elman/GRU/LSTM at (T=1000, B=32, I=64, H=128) and (T=1000, B=1, I=16, H=32)
+# on a 2-core VM (benchmarks/unroll_factor.py). GPU: 8 — an earlier H100 measurement for
+# a tanh RNN saw scan's per-step overhead fall from about 9 us to about 3 us with unroll=8
+# (see docs/performance.md). TPU: not measured; 8 as on GPU, for the same loop overhead.
+UNROLL_DEFAULTS = {"cpu": 1, "gpu": 8, "cuda": 8, "rocm": 8, "tpu": 8}
+
+
+def default_unroll(backend: str | None = None) -> int:
+    """The ``unroll`` factor :func:`unroll` uses on ``backend`` (default: JAX's backend).
+
+    Example:
+        >>> jax_rnn.default_unroll("cpu"), jax_rnn.default_unroll("gpu")
+        (1, 8)
+    """
+    backend = jax.default_backend() if backend is None else backend
+    return UNROLL_DEFAULTS.get(backend, 1)
+
 
 def _check_options(where: str, unroll: Any, remat: Any, truncate: Any, impl: Any) -> None:
+    if unroll is None:
+        return _check_options(where, 1, remat, truncate, impl)
     if impl not in IMPLS:
         raise ValueError(
             f"`{where}`: `impl` must be one of {IMPLS}, got {impl!r}: \"fused\" is the fast "
@@ -517,7 +537,7 @@ def unroll(
     truncate: int | None = None,
     dropout_key: Array | None = None,
     impl: str = "fused",
-    unroll: int | bool = 1,
+    unroll: int | bool | None = None,
     check_finite: bool = False,
 ) -> tuple[Any, Any]:
     """Runs ``cell`` over the time axis of ``xs`` with :func:`jax.lax.scan`.
@@ -569,7 +589,8 @@ def unroll(
             for forward-mode autodiff (``jax.jvp``/``jax.jacfwd``), which a custom VJP
             does not support. User cells and ``remat`` always run ``"scan"``. Both give
             the same values and gradients up to float rounding.
-        unroll: steps per loop iteration, passed to :func:`jax.lax.scan`.
+        unroll: steps per loop iteration, passed to :func:`jax.lax.scan`; ``None`` picks
+            the backend's default (:func:`default_unroll`).
         check_finite: raise ``ValueError`` if ``xs``, ``params`` or ``state0`` hold NaN or
             Inf. Off by default: non-finite values then propagate through the outputs as
             in numpy. Under ``jit`` the check is a ``checkify`` check, so wrap the call in
@@ -612,7 +633,7 @@ def checked_call(
     truncate: int | None,
     dropout_key: Array | None,
     impl: str,
-    unroll: int | bool,
+    unroll: int | bool | None,
     check_finite: bool,
 ) -> Any:
     """Checks every argument of :func:`unroll`, then calls ``jitted`` with them."""
@@ -629,6 +650,7 @@ def checked_call(
         )
     if check_finite:
         check_finite_inputs(where, xs=prep.xs, params=params, state0=prep.state0)
+    unroll = default_unroll() if unroll is None else unroll
     opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate),
                    impl)
     try:
