@@ -4,6 +4,7 @@ Pure cell steps ``step(params, carry, x) -> (carry, y)``, unrolled with
 :func:`jax.lax.scan` under ``jit``, with the gradients of the outputs exposed.
 """
 
+from . import gradients as gradients
 from . import interop as interop
 from . import reference as reference
 from ._compose import Bidirectional as Bidirectional
@@ -52,6 +53,7 @@ __all__ = [
     "elman_relu",
     "elman_step",
     "generate",
+    "gradients",
     "interop",
     "gru",
     "gru_step",
