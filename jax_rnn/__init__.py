@@ -4,6 +4,7 @@ Pure cell steps ``step(params, carry, x) -> (carry, y)``, unrolled with
 :func:`jax.lax.scan` under ``jit``, with the gradients of the outputs exposed.
 """
 
+from . import distributed as distributed
 from . import gradients as gradients
 from . import interop as interop
 from . import reference as reference
@@ -49,6 +50,7 @@ __all__ = [
     "ElmanParams",
     "StepOutput",
     "default_unroll",
+    "distributed",
     "elman",
     "elman_relu",
     "elman_step",

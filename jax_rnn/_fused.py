@@ -212,11 +212,13 @@ def _fused_bwd(fc, reverse, unroll, res, cotangents):  # noqa: ANN001
         body, (d_final, _zeros_like(d_final)), inputs, reverse=not reverse, unroll=unroll
     )
     d_carry0 = jax.tree.map(jnp.add, d_carry0, d_c)
+    # One contraction over time and batch. tensordot keeps the batch axis intact (no
+    # reshape merging it with time), so a batch sharded across devices stays sharded and
+    # XLA reduces with one all-reduce instead of gathering every state.
     h_in = fc.hidden(c_ins)
-    flat_h = h_in.reshape(-1, h_in.shape[-1])
-    flat_dgh = d_gh.reshape(-1, d_gh.shape[-1])
-    d_w = (flat_h.T @ flat_dgh).astype(w.dtype)
-    d_b = None if b is None else flat_dgh.sum(axis=0).astype(b.dtype)
+    lead = tuple(range(d_gh.ndim - 1))
+    d_w = jnp.tensordot(h_in, d_gh, axes=(lead, lead)).astype(w.dtype)
+    d_b = None if b is None else d_gh.sum(axis=lead).astype(b.dtype)
     return d_w, d_b, d_gx, d_carry0, None, None, None
 
 

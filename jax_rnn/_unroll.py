@@ -189,7 +189,10 @@ def _check_seq_lengths(where: str, seq_lengths: Any, batch: tuple, length: int) 
             "(one length per sequence)."
         )
     seq_lengths = _checks.as_array(seq_lengths)
-    if not isinstance(seq_lengths, jax.core.Tracer):
+    # Range check on concrete values only; an array spread over several hosts cannot be
+    # read here (it is checked on the host that built it, or not at all under jit).
+    concrete = not isinstance(seq_lengths, jax.core.Tracer)
+    if concrete and getattr(seq_lengths, "is_fully_addressable", True):
         values = np.asarray(seq_lengths)
         if values.size and (values.min() < 0 or values.max() > length):
             raise ValueError(
