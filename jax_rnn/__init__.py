@@ -28,6 +28,8 @@ from ._lstm import LSTMParams as LSTMParams
 from ._lstm import LSTMState as LSTMState
 from ._lstm import lstm as lstm
 from ._lstm import lstm_step as lstm_step
+from ._parallel import ParallelInfo as ParallelInfo
+from ._parallel import parallel_solve as parallel_solve
 from ._seed import seed_example as seed_example
 from ._types import Cell as Cell
 from ._types import StepOutput as StepOutput
@@ -44,6 +46,7 @@ __all__ = [
     "GRUParams",
     "LSTMParams",
     "LSTMState",
+    "ParallelInfo",
     "Stack",
     "bidirectional",
     "stack",
@@ -63,6 +66,7 @@ __all__ = [
     "lstm_step",
     "make_elman",
     "output_jacobian",
+    "parallel_solve",
     "reference",
     "seed_example",
     "unroll",

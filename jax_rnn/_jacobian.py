@@ -29,6 +29,7 @@ def _output_jacobian_jit(
     lengths: Any,
     resets: Any,
     dropout_key: Any,
+    guess: Any,
     *,
     opts: Options,
     dtype: np.dtype | None,
@@ -36,8 +37,9 @@ def _output_jacobian_jit(
     time_major: bool,
 ) -> Any:
     def outputs(params: Any) -> Any:
-        _, ys = _unroll_jit(model, params, xs, state0, lengths, resets, dropout_key, opts=opts,
-                            dtype=dtype, batch_shape=batch_shape, time_major=time_major)
+        _, ys, _ = _unroll_jit(model, params, xs, state0, lengths, resets, dropout_key, guess,
+                               opts=opts, dtype=dtype, batch_shape=batch_shape,
+                               time_major=time_major)
         return outputs_of(ys)
 
     return jax.jacrev(outputs)(params)
@@ -57,6 +59,7 @@ def output_jacobian(
     truncate: int | None = None,
     dropout_key: Array | None = None,
     impl: str = "fused",
+    method: str = "sequential",
     unroll: int | bool | None = None,
 ) -> Any:
     r"""The Jacobian of every output with respect to every weight, through time.
@@ -86,6 +89,7 @@ def output_jacobian(
         truncate: as for :func:`unroll` (the Jacobian is then the truncated one).
         dropout_key: as for :func:`unroll`.
         impl: as for :func:`unroll`.
+        method: as for :func:`unroll` (with the parallel methods' default options).
         unroll: as for :func:`unroll`.
 
     Returns:
@@ -102,4 +106,5 @@ def output_jacobian(
     return checked_call("jax_rnn.output_jacobian", _output_jacobian_jit, cell, params, xs,
                         state0, seq_lengths=seq_lengths, reverse=reverse,
                         time_major=time_major, resets=resets, remat=remat, truncate=truncate,
-                        dropout_key=dropout_key, impl=impl, unroll=unroll, check_finite=False)
+                        dropout_key=dropout_key, impl=impl, method=method, unroll=unroll,
+                        check_finite=False)

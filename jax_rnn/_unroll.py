@@ -293,6 +293,11 @@ class Options(NamedTuple):
     remat: int | bool = False
     truncate: int | None = None
     impl: str = "fused"
+    method: str = "sequential"
+    tol: float | None = None
+    max_iter: int | None = None
+    damping: float | None = None
+    on_failure: str = "fallback"
 
 
 def cast_floats(tree: Any, dtype: np.dtype | None) -> Any:
@@ -368,17 +373,20 @@ def _run_cell(
     opts: Options,
     reverse: bool,
     batch_shape: tuple,
-) -> tuple[Any, Any]:
+    guess: Any = None,
+) -> tuple[Any, Any, Any]:
     length = jax.tree.leaves(xs)[0].shape[0]
     carry0 = initial_carry(cell, params, state0, batch_shape)
     step = functools.partial(cell.step, params)
     if length == 0:
-        return scan(step, carry0, xs)
+        final, ys = scan(step, carry0, xs)
+        return final, ys, _empty_info(opts, carry0)
     perm = None
     if lengths is not None and reverse:
         perm = prefix_reverse_index(lengths, length)
         xs = _take_time(xs, perm)
         resets = None if resets is None else _take_time(resets, perm)
+        guess = None if guess is None else _take_time(guess, perm)
         reverse = False
     t = jnp.arange(length)
     valid = None
@@ -403,12 +411,16 @@ def _run_cell(
     cut = None
     if opts.truncate is not None:
         cut = (position % opts.truncate == 0) & (position > 0) & (t < length)
+    resets = None if resets is None else resets.astype(bool)
+    if opts.method != "sequential":
+        final, ys, info = _run_parallel(cell, params, carry0, xs, valid, resets, cut, reverse,
+                                        guess, opts, batch_shape)
+        return final, (ys if perm is None else _take_time(ys, perm)), info
     fused = fused_cell_of(cell, params) if opts.impl == "fused" and not chunk else None
     if fused is not None:
-        resets = None if resets is None else resets.astype(bool)
         final, ys = fused_unroll(fused, params, xs, carry0, valid, resets, cut, reverse,
                                  opts.unroll, readout)
-        return final, (ys if perm is None else _take_time(ys, perm))
+        return final, (ys if perm is None else _take_time(ys, perm)), None
 
     def body(carry: Any, inputs: Any) -> tuple[Any, Any]:
         x, valid_t, reset_t, cut_t = inputs
@@ -436,7 +448,76 @@ def _run_cell(
         final, ys = jax.lax.scan(body, carry0, inputs, reverse=reverse, unroll=opts.unroll)
     if perm is not None:
         ys = _take_time(ys, perm)
-    return final, ys
+    return final, ys, None
+
+
+def _empty_info(opts: Options, carry0: Any) -> Any:
+    if opts.method == "sequential":
+        return None
+    from ._parallel import ParallelInfo
+
+    dtype = jax.tree.leaves(carry0)[0].dtype
+    return ParallelInfo(jnp.int32(0), jnp.zeros((), dtype), jnp.bool_(True), jnp.bool_(False))
+
+
+def _run_parallel(
+    cell: Any,
+    params: Any,
+    carry0: Any,
+    xs: Any,
+    valid: Array | None,
+    resets: Array | None,
+    cut: Array | None,
+    reverse: bool,
+    guess: Any,
+    opts: Options,
+    batch_shape: tuple,
+) -> tuple[Any, Any, Any]:
+    """One cell's unroll by DEER / quasi-DEER (see ``_parallel.py``), forward in time."""
+    from ._parallel import jacobian_diagonal_of, parallel_solve
+
+    inputs = (xs, valid, resets, cut)
+    if reverse:  # solve forward over the flipped sequence
+        inputs = jax.tree.map(lambda a: jnp.flip(a, axis=0), inputs)
+        guess = None if guess is None else jax.tree.map(lambda a: jnp.flip(a, axis=0), guess)
+
+    def prepared(c0: Any, carry: Any, reset_t: Any, cut_t: Any) -> Any:
+        if reset_t is not None:
+            carry = _where(reset_t, c0, carry)
+        if cut_t is not None:
+            carry = jax.tree.map(lambda c: jnp.where(cut_t, jax.lax.stop_gradient(c), c), carry)
+        return carry
+
+    def step(p: Any, carry: Any, inp: Any) -> tuple[Any, Any]:
+        cell_params, c0 = p
+        x, valid_t, reset_t, cut_t = inp
+        c_in = prepared(c0, carry, reset_t, cut_t)
+        new, y = cell.step(cell_params, c_in, x)
+        return _where(valid_t, new, c_in), _zero_invalid(valid_t, y)
+
+    diagonal = None
+    cell_diagonal = jacobian_diagonal_of(getattr(cell, "step", None))
+    if opts.method == "quasi_deer" and cell_diagonal is not None:
+
+        def diagonal(p: Any, carry: Any, inp: Any) -> Any:
+            cell_params, c0 = p
+            x, valid_t, reset_t, cut_t = inp
+            d = cell_diagonal(cell_params, prepared(c0, carry, reset_t, None), x)
+            for mask in (reset_t, cut_t):
+                if mask is not None:  # the carry does not flow through here
+                    d = _where(mask, jax.tree.map(jnp.zeros_like, d), d)
+            if valid_t is not None:  # masked steps copy the carry: identity
+                d = _where(valid_t, d, jax.tree.map(jnp.ones_like, d))
+            return d
+
+    final, ys, info = parallel_solve(
+        step, (params, carry0), carry0, inputs, method=opts.method, tol=opts.tol,
+        max_iter=opts.max_iter, guess=guess, damping=opts.damping, on_failure=opts.on_failure,
+        jacobian_diagonal=diagonal, batch_ndim=len(batch_shape),
+    )
+    if reverse:
+        ys = jax.tree.map(lambda a: jnp.flip(a, axis=0), ys)
+    return final, ys, info
 
 
 def _dropout(key: Array, rate: float, tree: Any) -> Any:
@@ -460,33 +541,43 @@ def _run_model(
     opts: Options,
     reverse: bool,
     batch_shape: tuple,
-) -> tuple[Any, Any]:
+    guess: Any = None,
+) -> tuple[Any, Any, Any]:
+    """Runs one model level; returns ``(final, ys, info)`` (info: parallel methods only)."""
     if isinstance(model, Stack):
-        states = state0 if state0 is not None else (None,) * len(model.layers)
-        finals = []
+        n = len(model.layers)
+        states = state0 if state0 is not None else (None,) * n
+        guesses = guess if guess is not None else (None,) * n
+        finals, infos = [], []
         ys: Any = None
-        for i, (layer, p, s) in enumerate(zip(model.layers, params, states, strict=True)):
+        for i, (layer, p, s, g) in enumerate(
+            zip(model.layers, params, states, guesses, strict=True)
+        ):
             if i > 0:
                 xs = ys.output if isinstance(ys, StepOutput) else ys
                 if dropout_key is not None and model.dropout > 0:
                     xs = _dropout(jax.random.fold_in(dropout_key, i), model.dropout, xs)
-            final, ys = _run_model(
-                layer, p, xs, s, lengths, resets, dropout_key, opts, reverse, batch_shape
+            final, ys, info = _run_model(
+                layer, p, xs, s, lengths, resets, dropout_key, opts, reverse, batch_shape, g
             )
             finals.append(final)
-        return tuple(finals), ys
+            infos.append(info)
+        return tuple(finals), ys, tuple(infos)
     if isinstance(model, Bidirectional):
         s_fw, s_bw = (None, None) if state0 is None else state0
-        f_fw, y_fw = _run_model(
+        g_fw, g_bw = (None, None) if guess is None else guess
+        f_fw, y_fw, i_fw = _run_model(
             model.forward, params.forward, xs, s_fw, lengths, resets, dropout_key, opts,
-            reverse, batch_shape,
+            reverse, batch_shape, g_fw,
         )
-        f_bw, y_bw = _run_model(
+        f_bw, y_bw, i_bw = _run_model(
             model.backward, params.backward, xs, s_bw, lengths, resets, dropout_key, opts,
-            not reverse, batch_shape,
+            not reverse, batch_shape, g_bw,
         )
-        return BidirectionalState(f_fw, f_bw), concat_outputs(y_fw, y_bw)
-    return _run_cell(model, params, xs, state0, lengths, resets, opts, reverse, batch_shape)
+        return (BidirectionalState(f_fw, f_bw), concat_outputs(y_fw, y_bw),
+                BidirectionalState(i_fw, i_bw))
+    return _run_cell(model, params, xs, state0, lengths, resets, opts, reverse, batch_shape,
+                     guess)
 
 
 @functools.partial(
@@ -500,22 +591,24 @@ def _unroll_jit(
     lengths: Any,
     resets: Any,
     dropout_key: Any,
+    guess: Any = None,
     *,
     opts: Options,
     dtype: np.dtype | None,
     batch_shape: tuple,
     time_major: bool,
-) -> tuple[Any, Any]:
-    params, xs, state0 = cast_floats((params, xs, state0), dtype)
+) -> tuple[Any, Any, Any]:
+    params, xs, state0, guess = cast_floats((params, xs, state0, guess), dtype)
     if not time_major:
         xs = jnp.moveaxis(xs, -2, 0)
         resets = None if resets is None else jnp.moveaxis(resets, -1, 0)
-    final, ys = _run_model(
-        model, params, xs, state0, lengths, resets, dropout_key, opts, opts.reverse, batch_shape
+    final, ys, info = _run_model(
+        model, params, xs, state0, lengths, resets, dropout_key, opts, opts.reverse, batch_shape,
+        guess,
     )
     if not time_major:
         ys = jax.tree.map(lambda a: jnp.moveaxis(a, 0, len(batch_shape)), ys)
-    return final, ys
+    return final, ys, info
 
 
 def _has_dropout(model: Any) -> bool:
@@ -540,9 +633,16 @@ def unroll(
     truncate: int | None = None,
     dropout_key: Array | None = None,
     impl: str = "fused",
+    method: str = "sequential",
+    tol: float | None = None,
+    max_iter: int | None = None,
+    guess: Any = None,
+    damping: float | None = None,
+    on_failure: str = "fallback",
+    return_info: bool = False,
     unroll: int | bool | None = None,
     check_finite: bool = False,
-) -> tuple[Any, Any]:
+) -> tuple[Any, ...]:
     """Runs ``cell`` over the time axis of ``xs`` with :func:`jax.lax.scan`.
 
     The scan is jit-compiled and cached per cell, option and input shape, so calling
@@ -592,6 +692,29 @@ def unroll(
             for forward-mode autodiff (``jax.jvp``/``jax.jacfwd``), which a custom VJP
             does not support. User cells and ``remat`` always run ``"scan"``. Both give
             the same values and gradients up to float rounding.
+        method: ``"sequential"`` (default): one step after another with
+            :func:`jax.lax.scan`. ``"deer"`` / ``"quasi_deer"``: parallel-in-time
+            evaluation by Newton's method over the whole sequence, each iteration a linear
+            recurrence solved by :func:`jax.lax.associative_scan` in ``O(log T)`` depth
+            (full Jacobians / their diagonals; see the parallel-in-time guide). For long
+            sequences on accelerators; slower on CPUs. Works for every cell, option and
+            model except ``remat``; gradients solve the adjoint recurrence the same way.
+        tol: ``deer``/``quasi_deer``: convergence threshold on the relative residual
+            (``None``: 1e-12 in float64, about 1.2e-6 in float32).
+        max_iter: ``deer``/``quasi_deer``: most Newton iterations (``None``:
+            ``min(T, 100)``; ``T`` always suffices in exact arithmetic).
+        guess: ``deer``/``quasi_deer``: an initial trajectory of carries, time-major
+            ``(T, *batch, ...)`` per carry leaf and shaped like the model's final state
+            (a tuple per stack layer), e.g. the previous solution in a training loop.
+        damping: ``deer``/``quasi_deer``: ``lambda >= 0`` divides the Jacobians by
+            ``1 + lambda``, for expansive dynamics.
+        on_failure: ``deer``/``quasi_deer``: when ``tol`` is not met within ``max_iter``
+            iterations: ``"fallback"`` (default) returns the sequential result,
+            ``"raise"`` raises, ``"ignore"`` returns the last iterate. Never silently
+            wrong: ``return_info=True`` reports what happened.
+        return_info: also return the parallel solver's ``ParallelInfo`` (iterations,
+            residual, converged, fell_back) per layer and direction, shaped like the
+            final state; ``None`` for sequential layers.
         unroll: steps per loop iteration, passed to :func:`jax.lax.scan`; ``None`` picks
             the backend's default (:func:`default_unroll`).
         check_finite: raise ``ValueError`` if ``xs``, ``params`` or ``state0`` hold NaN or
@@ -602,7 +725,8 @@ def unroll(
     Returns:
         ``(final_state, ys)``: the carry after the last step and the step outputs stacked
         over time (for the built-in cells a :class:`StepOutput` whose fields are
-        ``(T, *batch, ...)``). With ``T == 0`` the final state is ``state0``.
+        ``(T, *batch, ...)``). With ``T == 0`` the final state is ``state0``. With
+        ``return_info=True``, ``(final_state, ys, info)``.
 
     Raises:
         ValueError: shapes that do not match the params, or a bad option.
@@ -614,10 +738,13 @@ def unroll(
         >>> print(ys.output[:, 0].round(4))
         [1.5613 2.7271 3.0143 3.0738 3.0913]
     """
-    return checked_call("jax_rnn.unroll", _unroll_jit, cell, params, xs, state0,
+    final, ys, info = checked_call("jax_rnn.unroll", _unroll_jit, cell, params, xs, state0,
                         seq_lengths=seq_lengths, reverse=reverse, time_major=time_major,
                         resets=resets, remat=remat, truncate=truncate, dropout_key=dropout_key,
-                        impl=impl, unroll=unroll, check_finite=check_finite)
+                        impl=impl, method=method, tol=tol, max_iter=max_iter, guess=guess,
+                        damping=damping, on_failure=on_failure, return_info=return_info,
+                        unroll=unroll, check_finite=check_finite)
+    return (final, ys, info) if return_info else (final, ys)
 
 
 def checked_call(
@@ -638,9 +765,27 @@ def checked_call(
     impl: str,
     unroll: int | bool | None,
     check_finite: bool,
+    method: str = "sequential",
+    tol: float | None = None,
+    max_iter: int | None = None,
+    guess: Any = None,
+    damping: float | None = None,
+    on_failure: str = "fallback",
+    return_info: bool = False,
 ) -> Any:
     """Checks every argument of :func:`unroll`, then calls ``jitted`` with them."""
     _check_options(where, unroll, remat, truncate, impl)
+    if method != "sequential":
+        from ._parallel import _check_options as check_parallel
+
+        check_parallel(method, on_failure, tol, max_iter, damping, where)
+        if remat is not False:
+            raise ValueError(
+                f"`{where}`: `remat` applies to method=\"sequential\" only; the parallel "
+                f"methods keep the whole trajectory. Drop remat or use the sequential method."
+            )
+    elif guess is not None:
+        raise ValueError(f"`{where}`: `guess` is for method=\"deer\" or \"quasi_deer\" only.")
     prep = prepare(where, cell, params, xs, state0, time_major=time_major)
     if seq_lengths is not None:
         seq_lengths = _check_seq_lengths(where, seq_lengths, prep.batch_shape, prep.length)
@@ -655,7 +800,7 @@ def checked_call(
         check_finite_inputs(where, xs=prep.xs, params=params, state0=prep.state0)
     unroll = default_unroll() if unroll is None else unroll
     opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate),
-                   impl)
+                   impl, method, tol, max_iter, damping, on_failure)
     try:
         return jitted(
             cell,
@@ -665,17 +810,26 @@ def checked_call(
             seq_lengths,
             resets,
             dropout_key,
+            guess,
             opts=opts,
             dtype=prep.dtype,
             batch_shape=prep.batch_shape,
             time_major=bool(time_major),
         )
+    except jax.errors.JaxRuntimeError as err:
+        # on_failure="raise" fails inside the compiled call; called eagerly, say it plainly.
+        text = str(err)
+        if "did not converge" not in text:
+            raise
+        start = text.find("`jax_rnn.parallel_solve`")
+        message = text[start:].splitlines()[0] if start >= 0 else text
+        raise ValueError(message.replace("jax_rnn.parallel_solve", where, 1)) from err
     except TypeError as err:
         if "forward-mode autodiff" not in str(err):
             raise
         raise TypeError(
             f"`{where}`: forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) cannot go "
-            "through the fused fast path, whose backward pass is a custom VJP; call with "
-            "impl=\"scan\" for forward mode. Reverse mode (jax.grad, jax.jacrev, "
-            "output_jacobian) works with both."
+            "through the fused fast path or the parallel methods, whose backward passes are "
+            "custom VJPs; call with impl=\"scan\" (and method=\"sequential\") for forward "
+            "mode. Reverse mode (jax.grad, jax.jacrev, output_jacobian) works with all."
         ) from err

@@ -1,0 +1,107 @@
+"""`unroll(method="deer" | "quasi_deer")` against `method="sequential"`, through every
+option, stacks and bidirectional layers; values and all gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import jax_rnn
+
+CELLS = [jax_rnn.elman, jax_rnn.gru, jax_rnn.lstm]
+OPTIONS = {
+    "plain": {},
+    "lengths": {"seq_lengths": np.array([9, 4, 0])},
+    "lengths_reverse": {"seq_lengths": np.array([9, 4, 0]), "reverse": True},
+    "reverse": {"reverse": True},
+    "truncate": {"truncate": 3},
+    "resets": {"resets": np.eye(9, 3, -4, dtype=bool)},
+}
+
+
+def _loss(model, params, xs, state0, method, **kw):
+    final, ys = jax_rnn.unroll(model, params, xs, state0, method=method, **kw)
+    return (jnp.sum(jnp.sin(ys.output)) + jnp.sum(ys.state)
+            + sum(jnp.sum(f**2) for f in jax.tree.leaves(final)))
+
+
+@settings(max_examples=10)
+@given(cell_index=st.integers(0, 2), method=st.sampled_from(["deer", "quasi_deer"]),
+       option=st.sampled_from(sorted(OPTIONS)), scale=st.sampled_from([0.5, 3.0]),
+       seed=st.integers(0, 100))
+def test_parallel_methods_equal_sequential(cell_index, method, option, scale, seed):
+    """Values and gradients (params, inputs, initial state) in float64 to 1e-10, for
+    contractive weights and for weights scaled up to spectral radius > 1."""
+    cell = CELLS[cell_index]
+    params = jax.tree.map(lambda a: a * scale,
+                          cell.init(jax.random.key(seed), 2, 3, 2, dtype=np.float64))
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(9, 3, 2))
+    state0 = jax.tree.map(lambda a: a + 0.1, cell.initial_state(params, (3,)))
+    grad = jax.value_and_grad(_loss, argnums=(1, 2, 3))
+    a = grad(cell, params, xs, state0, method, **OPTIONS[option])
+    b = grad(cell, params, xs, state0, "sequential", **OPTIONS[option])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_and_stacked_bidirectional_with_info():
+    model = jax_rnn.stack([jax_rnn.bidirectional(jax_rnn.gru), jax_rnn.lstm])
+    params = model.init(jax.random.key(0), 2, 4, 1, dtype=np.float32)
+    xs = np.random.default_rng(0).normal(size=(30, 2, 2)).astype(np.float32)
+    lengths = np.array([30, 17])
+    final, ys, info = jax_rnn.unroll(model, params, xs, seq_lengths=lengths,
+                                     method="quasi_deer", return_info=True)
+    final_s, ys_s = jax_rnn.unroll(model, params, xs, seq_lengths=lengths)
+    np.testing.assert_allclose(ys.output, ys_s.output, rtol=1e-5, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(final), jax.tree.leaves(final_s), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
+    assert isinstance(info[0], jax_rnn.BidirectionalState)
+    for layer_info in (info[0].forward, info[0].backward, info[1]):
+        assert bool(layer_info.converged) and not bool(layer_info.fell_back)
+        assert 0 < int(layer_info.iterations) <= 30
+    _, _, info_seq = jax_rnn.unroll(model, params, xs, return_info=True)
+    assert info_seq == (jax_rnn.BidirectionalState(None, None), None)
+
+
+def test_expansive_weights_fall_back_or_raise_never_wrong():
+    params = jax_rnn.elman.init(jax.random.key(1), 1, 4, 1, dtype=np.float32)
+    params = params._replace(w_cell_state=params.w_cell_state * 40.0)
+    xs = np.random.default_rng(1).normal(size=(60, 1)).astype(np.float32)
+    _, ys_seq = jax_rnn.unroll(jax_rnn.elman, params, xs)
+    _, ys, info = jax_rnn.unroll(jax_rnn.elman, params, xs, method="deer", max_iter=2,
+                                 return_info=True)
+    np.testing.assert_allclose(ys.state, ys_seq.state, rtol=1e-6, atol=1e-6)
+    assert bool(info.fell_back) and not bool(info.converged)
+    with pytest.raises(ValueError, match=r"did not converge|not converge"):
+        jax_rnn.unroll(jax_rnn.elman, params, xs, method="deer", max_iter=2,
+                       on_failure="raise")
+
+
+def test_guess_warm_start_and_errors():
+    params = jax_rnn.gru.init(jax.random.key(2), 2, 3, dtype=np.float64)
+    xs = np.random.default_rng(2).normal(size=(25, 2))
+    final, ys, info = jax_rnn.unroll(jax_rnn.gru, params, xs, method="deer", return_info=True)
+    _, ys2, info2 = jax_rnn.unroll(jax_rnn.gru, params, xs, method="deer", guess=ys.state,
+                                   return_info=True)
+    assert int(info2.iterations) == 0 and int(info.iterations) > 0
+    np.testing.assert_allclose(ys2.state, ys.state, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"`remat` applies to method=\"sequential\" only"):
+        jax_rnn.unroll(jax_rnn.gru, params, xs, method="deer", remat=True)
+    with pytest.raises(ValueError, match=r"`guess` is for method=\"deer\""):
+        jax_rnn.unroll(jax_rnn.gru, params, xs, guess=ys.state)
+    with pytest.raises(ValueError, match=r"`method` must be one of"):
+        jax_rnn.unroll(jax_rnn.gru, params, xs, method="elk")
+
+
+def test_output_jacobian_through_deer():
+    params = jax_rnn.elman.init(jax.random.key(3), 2, 3, 2, dtype=np.float64)
+    xs = np.random.default_rng(3).normal(size=(6, 2))
+    a = jax_rnn.output_jacobian(jax_rnn.elman, params, xs, method="deer")
+    b = jax_rnn.output_jacobian(jax_rnn.elman, params, xs)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
