@@ -188,6 +188,34 @@ def check_fields(
     return sizes, next(iter(dtypes.values()))
 
 
+def check_cell_params(
+    where: str,
+    params: Any,
+    params_type: type,
+    cell_name: str,
+    fields: dict[str, tuple[int | str, ...]],
+    optional: tuple[str, ...],
+) -> tuple[int, int, np.dtype]:
+    """Checks a built-in cell's params: type, readout pairing and field shapes.
+
+    Returns:
+        ``(input_size, hidden_size, dtype)``.
+    """
+    if not isinstance(params, params_type):
+        raise TypeError(
+            f"`{where}`: `params` must be {params_type.__name__}, got {type(params).__name__}; "
+            f"build them with `jax_rnn.{cell_name}.init(key, input_size, hidden_size, "
+            "output_size)`."
+        )
+    if params.b_output is not None and params.w_output is None:
+        raise ValueError(
+            f"`{where}`: `params.b_output` is set but `params.w_output` is None; a readout "
+            "bias needs readout weights (or set b_output=None)."
+        )
+    sizes, dtype = check_fields(where, params, fields, optional)
+    return sizes["I"], sizes["H"], dtype
+
+
 def _letter(sym: str) -> tuple[str, int]:
     if "*" in sym:
         mult, letter = sym.split("*")

@@ -63,18 +63,7 @@ _OPTIONAL = ("b_cell", "w_output", "b_output", "b_cell_state")
 
 
 def _shapes(where: str, params: Any) -> tuple[int, int, np.dtype]:
-    if not isinstance(params, ElmanParams):
-        raise TypeError(
-            f"`{where}`: `params` must be ElmanParams, got {type(params).__name__}; build "
-            "them with `jax_rnn.elman.init(key, input_size, hidden_size, output_size)`."
-        )
-    if params.b_output is not None and params.w_output is None:
-        raise ValueError(
-            f"`{where}`: `params.b_output` is set but `params.w_output` is None; a readout "
-            "bias needs readout weights (or set b_output=None)."
-        )
-    sizes, dtype = _checks.check_fields(where, params, _FIELDS, _OPTIONAL)
-    return sizes["I"], sizes["H"], dtype
+    return _checks.check_cell_params(where, params, ElmanParams, "elman", _FIELDS, _OPTIONAL)
 
 
 def _check_carry(where: str, params: Any, carry: Any, batch_shape: tuple[int, ...]) -> None:
@@ -203,6 +192,41 @@ def elman_init(
         w_cell_state=uniform(k[0], (hidden_size, hidden_size)),
         w_cell_input=uniform(k[1], (input_size, hidden_size)),
         b_cell=uniform(k[2], (hidden_size,)),
+        w_output=w_output,
+        b_output=b_output,
+    )
+
+
+def gated_init(
+    where: str,
+    params_type: type,
+    gates: int,
+    key: Array,
+    input_size: int,
+    hidden_size: int,
+    output_size: int | None,
+    dtype: Any,
+) -> Any:
+    """GRU/LSTM params, every field from U(-1/sqrt(H), 1/sqrt(H)) as PyTorch draws them."""
+    _check_sizes(where, input_size=input_size, hidden_size=hidden_size)
+    if output_size is not None:
+        _check_sizes(where, output_size=output_size)
+    dtype = _float_dtype(where, dtype)
+    bound = 1.0 / np.sqrt(hidden_size)
+    k = jax.random.split(key, 6)
+
+    def uniform(key: Array, shape: tuple[int, ...]) -> Array:
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    w_output = b_output = None
+    if output_size is not None:
+        w_output = uniform(k[4], (hidden_size, output_size))
+        b_output = uniform(k[5], (output_size,))
+    return params_type(
+        w_cell_input=uniform(k[0], (input_size, gates * hidden_size)),
+        w_cell_state=uniform(k[1], (hidden_size, gates * hidden_size)),
+        b_cell_input=uniform(k[2], (gates * hidden_size,)),
+        b_cell_state=uniform(k[3], (gates * hidden_size,)),
         w_output=w_output,
         b_output=b_output,
     )

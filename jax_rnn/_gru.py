@@ -10,7 +10,7 @@ import numpy as np
 from jax import Array
 
 from . import _checks
-from ._elman import _check_sizes, _float_dtype, readout, state_zeros
+from ._elman import gated_init, readout, state_zeros
 from ._types import Cell, StepOutput
 
 
@@ -66,18 +66,7 @@ _OPTIONAL = ("b_cell_input", "b_cell_state", "w_output", "b_output")
 
 
 def _shapes(where: str, params: Any) -> tuple[int, int, np.dtype]:
-    if not isinstance(params, GRUParams):
-        raise TypeError(
-            f"`{where}`: `params` must be GRUParams, got {type(params).__name__}; build "
-            "them with `jax_rnn.gru.init(key, input_size, hidden_size, output_size)`."
-        )
-    if params.b_output is not None and params.w_output is None:
-        raise ValueError(
-            f"`{where}`: `params.b_output` is set but `params.w_output` is None; a readout "
-            "bias needs readout weights (or set b_output=None)."
-        )
-    sizes, dtype = _checks.check_fields(where, params, _FIELDS, _OPTIONAL)
-    return sizes["I"], sizes["H"], dtype
+    return _checks.check_cell_params(where, params, GRUParams, "gru", _FIELDS, _OPTIONAL)
 
 
 def _reject_tuple(where: str, name: str, state: Any) -> None:
@@ -199,29 +188,8 @@ def gru_init(
         >>> params.w_output.shape, jax_rnn.gru.init(jax.random.key(0), 3, 8).w_output
         ((8, 1), None)
     """
-    where = "jax_rnn.gru.init"
-    _check_sizes(where, input_size=input_size, hidden_size=hidden_size)
-    if output_size is not None:
-        _check_sizes(where, output_size=output_size)
-    dtype = _float_dtype(where, dtype)
-    bound = 1.0 / np.sqrt(hidden_size)
-    k = jax.random.split(key, 6)
-
-    def uniform(key: Array, shape: tuple[int, ...]) -> Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    w_output = b_output = None
-    if output_size is not None:
-        w_output = uniform(k[4], (hidden_size, output_size))
-        b_output = uniform(k[5], (output_size,))
-    return GRUParams(
-        w_cell_input=uniform(k[0], (input_size, 3 * hidden_size)),
-        w_cell_state=uniform(k[1], (hidden_size, 3 * hidden_size)),
-        b_cell_input=uniform(k[2], (3 * hidden_size,)),
-        b_cell_state=uniform(k[3], (3 * hidden_size,)),
-        w_output=w_output,
-        b_output=b_output,
-    )
+    return gated_init("jax_rnn.gru.init", GRUParams, 3, key, input_size, hidden_size,
+                      output_size, dtype)
 
 
 def gru_initial_state(params: GRUParams, batch_shape: tuple[int, ...] = ()) -> Array:

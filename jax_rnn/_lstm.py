@@ -10,7 +10,7 @@ import numpy as np
 from jax import Array
 
 from . import _checks
-from ._elman import _check_sizes, _float_dtype, readout
+from ._elman import gated_init, readout
 from ._types import Cell, StepOutput
 
 
@@ -78,18 +78,7 @@ _OPTIONAL = ("b_cell_input", "b_cell_state", "w_output", "b_output")
 
 
 def _shapes(where: str, params: Any) -> tuple[int, int, np.dtype]:
-    if not isinstance(params, LSTMParams):
-        raise TypeError(
-            f"`{where}`: `params` must be LSTMParams, got {type(params).__name__}; build "
-            "them with `jax_rnn.lstm.init(key, input_size, hidden_size, output_size)`."
-        )
-    if params.b_output is not None and params.w_output is None:
-        raise ValueError(
-            f"`{where}`: `params.b_output` is set but `params.w_output` is None; a readout "
-            "bias needs readout weights (or set b_output=None)."
-        )
-    sizes, dtype = _checks.check_fields(where, params, _FIELDS, _OPTIONAL)
-    return sizes["I"], sizes["H"], dtype
+    return _checks.check_cell_params(where, params, LSTMParams, "lstm", _FIELDS, _OPTIONAL)
 
 
 def _split_carry(where: str, name: str, carry: Any) -> tuple[Any, Any]:
@@ -221,29 +210,8 @@ def lstm_init(
         >>> params.w_cell_input.shape, params.w_cell_state.shape, params.b_cell_state.shape
         ((3, 32), (8, 32), (32,))
     """
-    where = "jax_rnn.lstm.init"
-    _check_sizes(where, input_size=input_size, hidden_size=hidden_size)
-    if output_size is not None:
-        _check_sizes(where, output_size=output_size)
-    dtype = _float_dtype(where, dtype)
-    bound = 1.0 / np.sqrt(hidden_size)
-    k = jax.random.split(key, 6)
-
-    def uniform(key: Array, shape: tuple[int, ...]) -> Array:
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
-
-    w_output = b_output = None
-    if output_size is not None:
-        w_output = uniform(k[4], (hidden_size, output_size))
-        b_output = uniform(k[5], (output_size,))
-    return LSTMParams(
-        w_cell_input=uniform(k[0], (input_size, 4 * hidden_size)),
-        w_cell_state=uniform(k[1], (hidden_size, 4 * hidden_size)),
-        b_cell_input=uniform(k[2], (4 * hidden_size,)),
-        b_cell_state=uniform(k[3], (4 * hidden_size,)),
-        w_output=w_output,
-        b_output=b_output,
-    )
+    return gated_init("jax_rnn.lstm.init", LSTMParams, 4, key, input_size, hidden_size,
+                      output_size, dtype)
 
 
 def lstm_initial_state(params: LSTMParams, batch_shape: tuple[int, ...] = ()) -> LSTMState:
