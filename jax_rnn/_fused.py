@@ -38,17 +38,20 @@ from ._lstm import LSTMParams, LSTMState, lstm_step
 class FusedCell(NamedTuple):
     """How one built-in cell splits into projection, recurrence and pointwise parts."""
 
-    project: Callable[[Any, Array], Array]  # (params, xs) -> gx, biases included
+    input_bias: Callable[[Any], Array | None]  # bias added to x @ w_cell_input
     recurrent_bias: Callable[[Any], Array | None]  # bias added to h @ w_cell_state
     pointwise: Callable[[Array, Array, Any], tuple[Any, Array]]  # (gx, gh, c) -> (c', pre)
     hidden: Callable[[Any], Array]  # the h part of a carry
 
 
-def _add_biases(gx: Array, *biases: Array | None) -> Array:
-    for b in biases:
-        if b is not None:
-            gx = gx + b
-    return gx
+def _sum_biases(*biases: Array | None) -> Array | None:
+    present = [b for b in biases if b is not None]
+    return None if not present else functools.reduce(jnp.add, present)
+
+
+def _project(xs: Array, w_in: Array, b_in: Array | None) -> Array:
+    gx = xs @ w_in
+    return gx if b_in is None else gx + b_in
 
 
 def _ident(carry: Any) -> Any:
@@ -62,7 +65,7 @@ def _elman_fused(activation: Callable[[Array], Array]) -> FusedCell:
         return activation(pre), pre
 
     return FusedCell(
-        project=lambda p, xs: _add_biases(xs @ p.w_cell_input, p.b_cell, p.b_cell_state),
+        input_bias=lambda p: _sum_biases(p.b_cell, p.b_cell_state),
         recurrent_bias=lambda p: None,
         pointwise=pointwise,
         hidden=_ident,
@@ -88,13 +91,13 @@ def _lstm_pointwise(gx: Array, gh: Array, carry: LSTMState) -> tuple[LSTMState, 
 
 _GATED = {
     gru_step: (GRUParams, FusedCell(
-        project=lambda p, xs: _add_biases(xs @ p.w_cell_input, p.b_cell_input),
+        input_bias=lambda p: p.b_cell_input,
         recurrent_bias=lambda p: p.b_cell_state,
         pointwise=_gru_pointwise,
         hidden=_ident,
     )),
     lstm_step: (LSTMParams, FusedCell(
-        project=lambda p, xs: _add_biases(xs @ p.w_cell_input, p.b_cell_input, p.b_cell_state),
+        input_bias=lambda p: _sum_biases(p.b_cell_input, p.b_cell_state),
         recurrent_bias=lambda p: None,
         pointwise=_lstm_pointwise,
         hidden=lambda c: c.h,
@@ -133,9 +136,20 @@ def _zeros_like(tree: Any) -> Any:
 
 def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Array | None,
              gx: Array, carry0: Any, valid: Array | None, resets: Array | None,
-             ) -> tuple[Any, tuple[Array, Array], tuple[Any, Array]]:
+             residuals: bool = True, projection: tuple[Array, Array | None] | None = None,
+             ) -> tuple[Any, tuple[Array, Array], Any]:
+    """The forward loop; with ``residuals`` it also stacks what the backward pass needs
+    (each step's input carry and recurrent product), which a forward-only call skips.
+
+    With ``projection=(w_in, b_in)``, ``gx`` holds the raw inputs and each step projects
+    its own: a forward-only call then never materialises ``(T, *batch, G*H)`` projected
+    inputs, which on CPUs costs more memory traffic than it saves.
+    """
+
     def body(carry: Any, inputs: Any) -> tuple[Any, Any]:
         gx_t, valid_t, reset_t = inputs
+        if projection is not None:
+            gx_t = _project(gx_t, *projection)
         c_in = carry if reset_t is None else _select(reset_t, carry0, carry)
         gh = fc.hidden(c_in) @ w
         if b is not None:
@@ -146,36 +160,42 @@ def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Arra
             new = _select(valid_t, new, c_in)
             pre, state = _select(valid_t, (pre, state), (jnp.zeros_like(pre),
                                                          jnp.zeros_like(state)))
-        return new, (pre, state, c_in, gh)
+        return new, ((pre, state, c_in, gh) if residuals else (pre, state))
 
-    final, (pre, state, c_ins, ghs) = jax.lax.scan(
+    final, stacked = jax.lax.scan(
         body, carry0, (gx, valid, resets), reverse=reverse, unroll=unroll
     )
-    return final, (pre, state), (c_ins, ghs)
+    return final, stacked[:2], (stacked[2:] if residuals else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array,
-                     b: Array | None, gx: Array, carry0: Any, valid: Array | None,
-                     resets: Array | None, cut: Array | None) -> tuple[Any, Array, Array]:
-    """Runs the recurrence on projected inputs ``gx``: ``(final, pre_activations, states)``.
+def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, w_in: Array,
+                     b_in: Array | None, w: Array, b: Array | None, xs: Array, carry0: Any,
+                     valid: Array | None, resets: Array | None,
+                     cut: Array | None) -> tuple[Any, Array, Array]:
+    """Runs the cell over ``xs``: ``(final, pre_activations, states)``.
 
-    ``valid`` masks steps past each sequence's end, ``resets`` restarts carries from
-    ``carry0`` and ``cut`` stops gradients through the carry (truncated BPTT); each is
-    ``(T, *batch)`` or ``None``.
+    ``w_in, b_in`` project the inputs, ``w, b`` the state. ``valid`` masks steps past each
+    sequence's end, ``resets`` restarts carries from ``carry0`` and ``cut`` stops
+    gradients through the carry (truncated BPTT); each is ``(T, *batch)`` or ``None``.
+    Evaluated without differentiation it is a plain loop; differentiated, the forward
+    pass hoists the input projection and the backward pass is fused (module docstring).
     """
-    final, (pre, state), _ = _forward(fc, reverse, unroll, w, b, gx, carry0, valid, resets)
+    final, (pre, state), _ = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
+                                      residuals=False, projection=(w_in, b_in))
     return final, pre, state
 
 
-def _fused_fwd(fc, reverse, unroll, w, b, gx, carry0, valid, resets, cut):  # noqa: ANN001
+def _fused_fwd(fc, reverse, unroll, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
+    gx = _project(xs, w_in, b_in)
     final, (pre, state), (c_ins, ghs) = _forward(fc, reverse, unroll, w, b, gx, carry0, valid,
                                                  resets)
-    return (final, pre, state), (w, b, gx, carry0, valid, resets, cut, c_ins, ghs)
+    res = (w_in, b_in, w, b, xs, gx, carry0, valid, resets, cut, c_ins, ghs)
+    return (final, pre, state), res
 
 
 def _fused_bwd(fc, reverse, unroll, res, cotangents):  # noqa: ANN001
-    w, b, gx, carry0, valid, resets, cut, c_ins, ghs = res
+    w_in, b_in, w, b, xs, gx, carry0, valid, resets, cut, c_ins, ghs = res
     d_final, d_pre, d_state = cotangents
 
     def pointwise_out(gx_t: Array, gh_t: Array, c_in: Any) -> tuple[Any, Array, Array]:
@@ -219,7 +239,11 @@ def _fused_bwd(fc, reverse, unroll, res, cotangents):  # noqa: ANN001
     lead = tuple(range(d_gh.ndim - 1))
     d_w = jnp.tensordot(h_in, d_gh, axes=(lead, lead)).astype(w.dtype)
     d_b = None if b is None else d_gh.sum(axis=lead).astype(b.dtype)
-    return d_w, d_b, d_gx, d_carry0, None, None, None
+    # The input projection's gradients, as single contractions too.
+    d_w_in = jnp.tensordot(xs, d_gx, axes=(lead, lead)).astype(w_in.dtype)
+    d_b_in = None if b_in is None else d_gx.sum(axis=lead).astype(b_in.dtype)
+    d_xs = (d_gx @ w_in.T).astype(xs.dtype)
+    return d_w_in, d_b_in, d_w, d_b, d_xs, d_carry0, None, None, None
 
 
 fused_recurrence.defvjp(_fused_fwd, _fused_bwd)
@@ -240,10 +264,9 @@ def fused_unroll(
     """``(final, StepOutput)`` of a built-in cell over ``xs``, by the fused path."""
     from ._types import StepOutput
 
-    gx = fc.project(params, xs)
     final, pre, state = fused_recurrence(
-        fc, reverse, unroll, params.w_cell_state, fc.recurrent_bias(params), gx, carry0,
-        valid, resets, cut,
+        fc, reverse, unroll, params.w_cell_input, fc.input_bias(params), params.w_cell_state,
+        fc.recurrent_bias(params), xs, carry0, valid, resets, cut,
     )
     output = readout(params, state)
     if valid is not None and params.b_output is not None:  # padded steps output zeros

@@ -1,0 +1,89 @@
+"""`jax-rnn bench`: a smoke run and the correctness of what it times (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_rnn
+from jax_rnn import _bench_peers as bp
+from jax_rnn._cli import main
+
+CELLS = {"elman": jax_rnn.elman, "elman_relu": jax_rnn.elman_relu, "gru": jax_rnn.gru,
+         "lstm": jax_rnn.lstm}
+
+
+def test_quick_bench_writes_json_markdown_and_plot(tmp_path, capsys):
+    argv = ["bench", "--quick", "--out", str(tmp_path), "--peers", "numpy", "scan",
+            "--cells", "elman", "lstm", "--repeats", "2", "--budget", "0.05",
+            "--matmul-size", "64"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 1000
+    md = (tmp_path / "bench.md").read_text()
+    assert "| quick |" in md and "numpy loop" in md
+    assert doc["machine"]["cores"] >= 1 and doc["matmul"]["flops_per_s"] > 0
+    rows = doc["results"]
+    assert {(r["cell"], r["impl"]) for r in rows} == {
+        (cell, impl) for cell in ("elman", "lstm") for impl in ("jax_rnn", "jax_rnn.scan", "numpy")}
+    for r in rows:
+        assert "error" not in r, r
+        for mode in ("forward", "fwd_bwd"):
+            assert r[mode]["median_s"] > 0 and all(t > 0 for t in r[mode]["times_s"])
+        # Values, not times: every implementation computed jax_rnn's outputs and gradients.
+        assert r["check"]["max_abs_diff"] < 1e-5, r
+        assert r["check"]["grad_max_abs_diff"] < 1e-4, r
+    numpy_rows = [r for r in rows if r["impl"] == "numpy"]
+    assert all(r["check"]["agrees"] for r in numpy_rows)
+    assert {s["cell"] for s in doc["summary"]} == {"elman", "lstm"}
+    assert "ratio = peer time / jax_rnn time" in capsys.readouterr().out
+
+
+def test_unknown_config_is_an_error(tmp_path):
+    with pytest.raises(SystemExit, match="unknown config"):
+        main(["bench", "--configs", "nope", "--out", str(tmp_path)])
+
+
+def _problem(cell, dtype, steps=7, batch=3, inputs=2, hidden=5, seed=0):
+    rng = np.random.default_rng(seed)
+    xs = rng.standard_normal((steps, batch, inputs)).astype(dtype)
+    return bp.init_params(cell, seed, inputs, hidden, dtype), xs
+
+
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_numpy_loop_and_bptt_match_jax_in_float64(cell):
+    params, xs = _problem(cell, np.float64)
+    out, grads = bp.numpy_forward(cell, params, xs), bp.numpy_fwd_bwd(cell, params, xs)[1]
+
+    def loss(p):
+        return jnp.sum(jax_rnn.unroll(CELLS[cell], p, xs, impl="scan")[1].output)
+
+    expected = jax_rnn.unroll(CELLS[cell], params, xs, impl="scan")[1].output
+    np.testing.assert_allclose(out, expected, rtol=1e-12, atol=1e-12)
+    jax_grads = bp.grads_as_dict(jax.grad(loss)(params))
+    assert set(grads) == set(jax_grads)
+    for name, g in grads.items():
+        np.testing.assert_allclose(g, jax_grads[name], rtol=1e-10, atol=1e-10, err_msg=name)
+
+
+@pytest.mark.parametrize("peer", ["flax", "haiku", "equinox", "torch"])
+@pytest.mark.parametrize("cell", list(CELLS))
+def test_peer_weight_mappings_reproduce_jax_rnn(peer, cell):
+    pytest.importorskip(bp.IMPORTS[peer])
+    params, xs = _problem(cell, np.float32)
+    expected = np.asarray(jax_rnn.unroll(CELLS[cell], params, xs)[1].output)
+    runners = [] if (peer, cell) in bp.ABSENT else bp.BUILDERS[peer](cell, params, xs)
+    assert runners or (peer, cell) in bp.ABSENT
+    for r in runners:
+        got = bp.to_numpy(r.forward())
+        if r.equivalent:
+            np.testing.assert_allclose(got, expected, atol=2e-6, err_msg=r.label)
+        else:  # Haiku's GRU: reset before the matmul, so it must differ
+            assert np.abs(got - expected).max() > 1e-3, r.label
+        if not r.jit:  # the jitted peers' fwd_bwd is jax.value_and_grad of the same forward
+            loss, _ = r.fwd_bwd()
+            np.testing.assert_allclose(bp.to_numpy(loss), got.sum(dtype=np.float64), rtol=1e-4)
