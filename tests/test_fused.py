@@ -27,7 +27,7 @@ def _loss(cell, params, xs, state0, impl, **kw):
             + sum(jnp.sum(f**2) for f in jax.tree.leaves(final)))
 
 
-@settings(max_examples=12)
+@settings(max_examples=6)
 @given(
     cell_index=st.integers(0, len(CELLS) - 1),
     t=st.integers(1, 9),

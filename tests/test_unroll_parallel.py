@@ -29,7 +29,7 @@ def _loss(model, params, xs, state0, method, **kw):
             + sum(jnp.sum(f**2) for f in jax.tree.leaves(final)))
 
 
-@settings(max_examples=10)
+@settings(max_examples=5)
 @given(cell_index=st.integers(0, 2), method=st.sampled_from(["deer", "quasi_deer"]),
        option=st.sampled_from(sorted(OPTIONS)), scale=st.sampled_from([0.5, 3.0]),
        seed=st.integers(0, 100))
