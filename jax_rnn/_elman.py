@@ -146,7 +146,7 @@ def elman_init(
     key: Array,
     input_size: int,
     hidden_size: int,
-    output_size: int | None,
+    output_size: int | None = None,
     *,
     dtype: Any = None,
 ) -> ElmanParams:
@@ -160,8 +160,8 @@ def elman_init(
         key: a :func:`jax.random.key`; nothing falls back to a hidden seed.
         input_size: ``I``, features per step.
         hidden_size: ``H``, the state size.
-        output_size: ``O``, the readout size; ``None`` for no readout (the output is
-            the state).
+        output_size: ``O``, the readout size; ``None`` (the default) for no readout (the
+            output is the state).
         dtype: float dtype; defaults to JAX's default float (float64 when x64 is on).
 
     Returns:
