@@ -14,7 +14,7 @@ from jax import Array
 from . import _checks
 from ._compose import Bidirectional, Stack
 from ._jacobian import outputs_of
-from ._unroll import _check_model, cast_floats, initial_carry
+from ._unroll import _check_model, cast_floats, cast_inputs, initial_carry
 
 
 def _identity_feedback(y: Any, key: Array | None = None) -> Any:
@@ -34,7 +34,8 @@ def _generate_jit(
     dtype: np.dtype | None,
     batch: tuple,
 ) -> tuple[Any, Any, Array]:
-    params, state0, first_input = cast_floats((params, state0, first_input), dtype)
+    params = cast_floats(params, dtype)
+    state0, first_input = cast_inputs((state0, first_input), dtype)
     carry0 = initial_carry(cell, params, state0, batch)
     keys = None if key is None else jax.random.split(key, steps)
 

@@ -301,7 +301,23 @@ class Options(NamedTuple):
 
 
 def cast_floats(tree: Any, dtype: np.dtype | None) -> Any:
-    """Casts every leaf to ``dtype`` (``None``: leave as is)."""
+    """Casts the float leaves to ``dtype`` (``None``: leave as is).
+
+    Integer and bool leaves of params are left alone (a user cell may keep indices
+    there); inputs and states are promoted separately by :func:`cast_inputs`.
+    """
+    if dtype is None:
+        return tree
+
+    def one(a: Any) -> Any:
+        a = jnp.asarray(a)
+        return a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    return jax.tree.map(one, tree)
+
+
+def cast_inputs(tree: Any, dtype: np.dtype | None) -> Any:
+    """Casts every numeric leaf (ints and bools too: numpy's promotion) to ``dtype``."""
     if dtype is None:
         return tree
     return jax.tree.map(lambda a: jnp.asarray(a).astype(dtype), tree)
@@ -598,7 +614,8 @@ def _unroll_jit(
     batch_shape: tuple,
     time_major: bool,
 ) -> tuple[Any, Any, Any]:
-    params, xs, state0, guess = cast_floats((params, xs, state0, guess), dtype)
+    params = cast_floats(params, dtype)
+    xs, state0, guess = cast_inputs((xs, state0, guess), dtype)
     if not time_major:
         xs = jnp.moveaxis(xs, -2, 0)
         resets = None if resets is None else jnp.moveaxis(resets, -1, 0)

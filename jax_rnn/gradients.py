@@ -66,7 +66,7 @@ import numpy as np
 from jax import Array
 
 from ._compose import Bidirectional, Stack
-from ._unroll import cast_floats, initial_carry, prepare, scan
+from ._unroll import cast_floats, cast_inputs, initial_carry, prepare, scan
 
 __all__ = [
     "flatten_state",
@@ -168,7 +168,8 @@ def _scalar_loss(where: str, value: Any) -> Array:
 
 
 def _setup(cell: Any, params: Any, xs: Any, state0: Any, dtype: Any, batch_shape: tuple):
-    params, xs, state0 = cast_floats((params, xs, state0), dtype)
+    params = cast_floats(params, dtype)
+    xs, state0 = cast_inputs((xs, state0), dtype)
     carry0 = initial_carry(cell, params, state0, batch_shape)
     return params, xs, carry0
 

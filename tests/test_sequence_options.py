@@ -330,3 +330,29 @@ def test_option_errors():
     bad = (p2[0], p2[1]._replace(w_cell_input=np.zeros((5, 2))))
     with pytest.raises(ValueError, match=r"feature size 2 but `params.w_cell_input` expects 5"):
         jax_rnn.unroll(model, bad, np.ones((4, 3, 3)))
+
+
+def test_user_cell_in_a_stack_keeps_integer_params():
+    """Only float leaves are cast to the computation dtype: a user cell may keep indices."""
+
+    def step(p, carry, x):
+        w, perm = p
+        new = jnp.tanh(x @ w + carry[..., perm])
+        return new, new
+
+    def initial_state(p, batch_shape=()):
+        return jnp.zeros((*batch_shape, p[0].shape[1]), p[0].dtype)
+
+    user = jax_rnn.Cell(init=None, step=step, initial_state=initial_state)  # type: ignore[arg-type]
+    model = jax_rnn.stack([jax_rnn.elman, user])
+    first = jax_rnn.elman.init(jax.random.key(11), 2, 3, None, dtype=np.float64)
+    rng = np.random.default_rng(11)
+    second = (rng.normal(size=(3, 4)), np.array([3, 0, 2, 1]))
+    xs = rng.normal(size=(5, 2))
+    _, ys = jax_rnn.unroll(model, (first, second), xs)
+    h1 = reference.numpy_unroll(first, xs)[1].state
+    h2, expect = np.zeros(4), []
+    for t in range(5):
+        h2 = np.tanh(h1[t] @ second[0] + h2[second[1]])
+        expect.append(h2)
+    np.testing.assert_allclose(ys, np.stack(expect), rtol=1e-13)
