@@ -33,6 +33,8 @@ from jax import Array
 from ._elman import ElmanParams
 from ._gru import GRUParams, gru_step
 from ._lstm import LSTMParams, LSTMState, lstm_step
+from ._masks import bcast as _bcast
+from ._masks import select as _select
 
 
 class FusedCell(NamedTuple):
@@ -118,16 +120,6 @@ def fused_cell_of(cell: Any, params: Any) -> FusedCell | None:
     if activation is not None and isinstance(params, ElmanParams):
         return _elman_fused(activation)
     return None
-
-
-def _bcast(mask: Array, like: Array) -> Array:
-    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
-
-
-def _select(mask: Array | None, a: Any, b: Any) -> Any:
-    if mask is None:
-        return a
-    return jax.tree.map(lambda x, y: jnp.where(_bcast(mask, x), x, y), a, b)
 
 
 def _zeros_like(tree: Any) -> Any:

@@ -22,6 +22,9 @@ from ._compose import (
 )
 from ._elman import readout
 from ._fused import fused_cell_of, fused_unroll
+from ._masks import bcast as _bcast
+from ._masks import select as _where
+from ._masks import zero_where_invalid as _zero_invalid
 from ._types import Cell, StepOutput
 
 # --------------------------------------------------------------------------------------
@@ -346,23 +349,6 @@ def scan(step: Any, carry: Any, xs: Any, **kwargs: Any) -> tuple[Any, Any]:
         _, ys = jax.eval_shape(step, carry, one)
         return carry, jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), ys)
     return jax.lax.scan(step, carry, xs, **kwargs)
-
-
-def _bcast(mask: Array, like: Array) -> Array:
-    """``mask`` (*batch) with trailing unit axes so that it broadcasts against ``like``."""
-    return mask.reshape(mask.shape + (1,) * (like.ndim - mask.ndim))
-
-
-def _where(mask: Array | None, new: Any, old: Any) -> Any:
-    if mask is None:
-        return new
-    return jax.tree.map(lambda n, o: jnp.where(_bcast(mask, n), n, o), new, old)
-
-
-def _zero_invalid(mask: Array | None, tree: Any) -> Any:
-    if mask is None:
-        return tree
-    return jax.tree.map(lambda a: jnp.where(_bcast(mask, a), a, jnp.zeros((), a.dtype)), tree)
 
 
 def prefix_reverse_index(lengths: Array, length: int) -> Array:
