@@ -1,19 +1,25 @@
-"""Sequential ``lax.scan`` against DEER and quasi-DEER (``parallel_solve``), forward pass.
+"""jax_rnn's sequential unroll against DEER and quasi-DEER, and PyTorch's ``nn.RNN``.
 
     python benchmarks/parallel.py --out DIR [--quick] [--repeats 5] [--dtype float32]
+        [--precision highest] [--grad-h 16]
 
 For an Elman tanh cell with PyTorch's initialisation (contractive: spectral radius about
-1/sqrt(3)), one sequence (no batch), input size 4, on a grid of lengths T and hidden sizes
-H, it measures the median wall time of the jitted forward pass (after a warm-up call that
-compiles, ``--repeats`` timed calls), the Newton iterations to converge, and the largest
-difference from the scan. Writes ``DIR/parallel.json`` and ``DIR/parallel.md`` (a markdown
-table and, per H, the crossover: the smallest T of the grid at which a parallel method
-beats the scan).
+1/sqrt(3)), one sequence (batch of one), input size 4, on a grid of lengths T and hidden
+sizes H, it measures the median wall time of the jitted forward pass of
+``jax_rnn.unroll(elman, params, xs, method=...)`` for ``method="sequential"`` (the
+default path, the backend's default scan unroll factor), ``"deer"`` and ``"quasi_deer"``
+(after a warm-up call that compiles, ``--repeats`` timed calls), the Newton iterations to
+converge, the largest difference from the sequential states, and PyTorch's
+``nn.RNN(tanh)`` with the same weights where torch is importable: on the GPU (cuDNN) when
+JAX runs on one, else on the CPU. With ``--grad-h`` it also times the gradient of
+``sum(states)`` with respect to the params (forward + backward) at those hidden sizes.
+Writes ``DIR/parallel.json`` and ``DIR/parallel.md`` (a markdown table and, per H, the
+crossover: the smallest T of the grid at which a parallel method beats the sequential).
 
-Combinations whose Jacobians would not fit comfortably in a shared CPU's memory and time
-are skipped and reported as such: DEER stores T x H x H Jacobians (several copies during
-the associative scan), quasi-DEER T x H diagonals but evaluates the step at every time
-step once per iteration.
+Combinations whose Jacobians would not fit comfortably are skipped and reported: DEER
+stores T x H x H Jacobians (several copies during the associative scan), quasi-DEER
+T x H diagonals but evaluates the step at every time step once per iteration. The limits
+are larger on an accelerator than on a CPU.
 """
 
 from __future__ import annotations
@@ -34,153 +40,271 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_rnn
-from jax_rnn._parallel import parallel_solve
 
 FULL_T = (100, 1_000, 10_000, 100_000)
 FULL_H = (4, 16, 64, 256)
 QUICK_T = (100, 1_000, 10_000)
 QUICK_H = (4, 16, 64)
 INPUT_SIZE = 4
-# Skip limits (entries), chosen so that the full grid runs in minutes on 2 CPU cores.
-DEER_MAX_T_H2 = 5_000_000  # T * H^2 Jacobian entries
-QUASI_MAX_T_H2 = 70_000_000  # T * H^2 multiply-adds per step evaluation over all T
-SEQ_MAX_T_H2 = 1_000_000_000
+METHODS = ("sequential", "deer", "quasi_deer")
+# Skip limits in T * H^2 (Jacobian entries, or multiply-adds of one step evaluation over
+# all T), per backend: chosen so that the full grid runs in minutes on 2 CPU cores, and
+# in about a minute on one large GPU.
+LIMITS = {
+    "cpu": {"deer": 5_000_000, "quasi_deer": 70_000_000, "sequential": 1_000_000_000,
+            "torch": 1_000_000_000},
+    "accelerator": {"deer": 1_000_000_000, "quasi_deer": 10_000_000_000,
+                    "sequential": 10_000_000_000, "torch": 10_000_000_000},
+}
 
 
-def _median_time(fn: Any, args: tuple, repeats: int) -> float:
-    jax.block_until_ready(fn(*args))  # compile + warm-up
+def _limits() -> dict[str, int]:
+    return LIMITS["cpu" if jax.default_backend() == "cpu" else "accelerator"]
+
+
+def _median_time(fn: Any, repeats: int) -> float:
+    jax.block_until_ready(fn())  # compile + warm-up
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
 
 @functools.cache
-def _solver(method: str) -> Any:
-    if method == "scan":
+def _solver(method: str, grad: bool) -> Any:
+    def run(params, xs):
+        _, ys, info = jax_rnn.unroll(jax_rnn.elman, params, xs, method=method,
+                                     return_info=True)
+        if info is None:  # method="sequential" reports nothing
+            return ys.state, jnp.int32(0), jnp.bool_(False)
+        return ys.state, info.iterations, info.fell_back
 
-        def run(params, xs, carry0):
-            final, ys = jax.lax.scan(functools.partial(jax_rnn.elman_step, params), carry0, xs)
-            return ys.state, jnp.int32(len(xs)), jnp.bool_(False)
+    if not grad:
+        return jax.jit(run)
 
-    else:
+    def loss(params, xs):
+        states, iterations, fell_back = run(params, xs)
+        return states.sum(), (iterations, fell_back)
 
-        def run(params, xs, carry0):
-            _, ys, info = parallel_solve(jax_rnn.elman_step, params, carry0, xs, method=method)
-            return ys.state, info.iterations, info.fell_back
+    return jax.jit(jax.grad(loss, has_aux=True))
 
-    return jax.jit(run)
+
+def _torch_module(params: Any, dtype: Any) -> Any:
+    """``nn.RNN(tanh)`` holding ``params``, on CUDA when JAX runs on a GPU and torch sees
+    one, else on the CPU; ``None`` without torch."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    h, i = params.w_cell_state.shape[0], params.w_cell_input.shape[0]
+    tdtype = {"float32": torch.float32, "float64": torch.float64}[jnp.dtype(dtype).name]
+    module = torch.nn.RNN(i, h, nonlinearity="tanh").to(device="cuda" if gpu else "cpu",
+                                                         dtype=tdtype)
+    b_hh = params.b_cell_state if params.b_cell_state is not None else jnp.zeros_like(
+        params.b_cell)
+    weights = {"weight_ih_l0": params.w_cell_input.T, "weight_hh_l0": params.w_cell_state.T,
+               "bias_ih_l0": params.b_cell, "bias_hh_l0": b_hh}
+    module.load_state_dict({k: torch.tensor(np.array(v), dtype=tdtype)
+                            for k, v in weights.items()})
+    return module
+
+
+def _torch_call(module: Any, xs: Any, grad: bool) -> Any:
+    import torch
+
+    device = next(module.parameters()).device
+    dtype = next(module.parameters()).dtype
+    x = torch.tensor(np.asarray(xs), dtype=dtype, device=device)[:, None, :]  # (T, 1, I)
+    wait = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def forward() -> Any:
+        with torch.inference_mode():
+            out = module(x)[0]
+        wait()
+        return out[:, 0, :]
+
+    def fwd_bwd() -> Any:
+        module.zero_grad(set_to_none=True)
+        module(x)[0].sum().backward()
+        wait()
+        return module.weight_hh_l0.grad
+
+    return fwd_bwd if grad else forward
 
 
 def _skip_reason(method: str, t: int, h: int) -> str | None:
-    load = t * h * h
-    if method == "deer" and load > DEER_MAX_T_H2:
-        return f"T*H^2 = {load:.1e} > {DEER_MAX_T_H2:.0e} Jacobian entries"
-    if method == "quasi_deer" and load > QUASI_MAX_T_H2:
-        return f"T*H^2 = {load:.1e} > {QUASI_MAX_T_H2:.0e} per iteration"
-    if method == "scan" and load > SEQ_MAX_T_H2:
-        return f"T*H^2 = {load:.1e} > {SEQ_MAX_T_H2:.0e}"
+    load, limit = t * h * h, _limits()[method]
+    if load > limit:
+        return f"T*H^2 = {load:.1e} > {limit:.0e}"
     return None
 
 
-def run_grid(ts: tuple, hs: tuple, repeats: int, dtype: Any) -> list[dict]:
-    records = []
-    for h in hs:
-        params = jax_rnn.elman.init(jax.random.key(h), INPUT_SIZE, h, None, dtype=dtype)
-        for t in ts:
-            xs = jax.random.normal(jax.random.key(t), (t, INPUT_SIZE), dtype)
-            carry0 = jnp.zeros((h,), dtype)
-            reference = None
-            for method in ("scan", "deer", "quasi_deer"):
-                record: dict[str, Any] = dict(T=t, H=h, method=method)
-                reason = _skip_reason(method, t, h)
-                if reason is not None:
-                    record["skipped"] = reason
-                    records.append(record)
-                    print(f"H={h:4d} T={t:7d} {method:10s} skipped: {reason}", flush=True)
-                    continue
-                fn = _solver(method)
-                seconds = _median_time(fn, (params, xs, carry0), repeats)
-                states, iterations, fell_back = fn(params, xs, carry0)
-                if method == "scan":
-                    reference = states
-                    error = 0.0
-                else:
-                    error = None if reference is None else float(jnp.abs(states - reference).max())
-                record.update(
-                    seconds=seconds,
-                    iterations=int(iterations) if method != "scan" else None,
-                    fell_back=bool(fell_back),
-                    max_abs_diff_vs_scan=error,
-                )
-                records.append(record)
-                print(
-                    f"H={h:4d} T={t:7d} {method:10s} {seconds * 1e3:10.2f} ms"
-                    + (
-                        ""
-                        if method == "scan"
-                        else f"  iterations={int(iterations):3d}"
-                        f"  fell_back={bool(fell_back)}  max|diff|={error}"
-                    ),
-                    flush=True,
-                )
+def _measure(method: str, params: Any, xs: Any, repeats: int, grad: bool,
+             reference: Any, torch_module: Any) -> dict[str, Any]:
+    if method == "torch":
+        call = _torch_call(torch_module, xs, grad)
+        seconds = _median_time(call, repeats)
+        out = call()
+        record: dict[str, Any] = dict(seconds=seconds, device=str(out.device))
+        if not grad and reference is not None:
+            diff = np.abs(out.detach().cpu().numpy() - np.asarray(reference)).max()
+            record["max_abs_diff_vs_sequential"] = float(diff)
+        return record
+    fn = _solver(method, grad)
+    seconds = _median_time(lambda: fn(params, xs), repeats)
+    result, (iterations, fell_back) = (fn(params, xs) if grad else
+                                       (lambda r: (r[0], r[1:]))(fn(params, xs)))
+    record = dict(seconds=seconds, iterations=int(iterations) if method != "sequential"
+                  else None, fell_back=bool(fell_back))
+    if grad:
+        record["value"] = result
+    else:
+        record["states"] = result
+    if reference is not None:
+        if grad:
+            diff = max(float(jnp.abs(a - b).max()) for a, b in zip(
+                jax.tree.leaves(result), jax.tree.leaves(reference), strict=True))
+        else:
+            diff = float(jnp.abs(result - reference).max())
+        record["max_abs_diff_vs_sequential"] = diff
+    return record
+
+
+def _run_one(t: int, h: int, params: Any, xs: Any, repeats: int, grad: bool,
+             torch_module: Any) -> list[dict]:
+    records: list[dict] = []
+    reference = None
+    methods = METHODS + (("torch",) if torch_module is not None else ())
+    for method in methods:
+        record: dict[str, Any] = dict(T=t, H=h, method=method,
+                                      mode="fwd_bwd" if grad else "forward")
+        reason = _skip_reason(method, t, h)
+        tag = f"H={h:4d} T={t:7d} {record['mode']:8s} {method:10s}"
+        if reason is not None:
+            record["skipped"] = reason
+            records.append(record)
+            print(f"{tag} skipped: {reason}", flush=True)
+            continue
+        try:
+            record.update(_measure(method, params, xs, repeats, grad, reference,
+                                   torch_module))
+        except Exception as err:  # noqa: BLE001 - e.g. out of memory: report, go on
+            record["skipped"] = f"{type(err).__name__}: {str(err)[:200]}"
+            records.append(record)
+            print(f"{tag} failed: {record['skipped']}", flush=True)
+            continue
+        if method == "sequential":
+            reference = record.get("value", record.get("states"))
+        record.pop("value", None)
+        record.pop("states", None)
+        records.append(record)
+        extra = ""
+        if record.get("iterations") is not None:
+            extra += f"  iterations={record['iterations']:3d}  fell_back={record['fell_back']}"
+        if "max_abs_diff_vs_sequential" in record:
+            extra += f"  max|diff|={record['max_abs_diff_vs_sequential']:.2e}"
+        print(f"{tag} {record['seconds'] * 1e3:10.3f} ms{extra}", flush=True)
     return records
 
 
-def crossover(records: list[dict], method: str, h: int) -> str:
-    """The smallest T at which ``method`` beats the scan for hidden size ``h``."""
+def run_grid(ts: tuple, hs: tuple, repeats: int, dtype: Any, grad_hs: tuple = (),
+             save: Any = None) -> list[dict]:
+    """Every (H, T) of the grid, forward; and forward+backward for H in ``grad_hs``.
+
+    ``save(records)``, if given, is called after each hidden size, so that a run cut off
+    keeps what it measured.
+    """
+    records: list[dict] = []
+    for h in hs:
+        params = jax_rnn.elman.init(jax.random.key(h), INPUT_SIZE, h, None, dtype=dtype)
+        torch_module = _torch_module(params, dtype)
+        for t in ts:
+            xs = jax.random.normal(jax.random.key(t), (t, INPUT_SIZE), dtype)
+            records += _run_one(t, h, params, xs, repeats, False, torch_module)
+            if h in grad_hs:
+                records += _run_one(t, h, params, xs, repeats, True, torch_module)
+        if save is not None:
+            save(records)
+    return records
+
+
+def crossover(records: list[dict], method: str, h: int, mode: str = "forward") -> str:
+    """The smallest T at which ``method`` beats the sequential unroll at hidden size ``h``."""
     by_t: dict[int, dict[str, dict]] = {}
     for r in records:
-        if r["H"] == h and "seconds" in r:
+        if r["H"] == h and r.get("mode", "forward") == mode and "seconds" in r:
             by_t.setdefault(r["T"], {})[r["method"]] = r
-    measured = [t for t in sorted(by_t) if method in by_t[t] and "scan" in by_t[t]]
+    measured = [t for t in sorted(by_t) if method in by_t[t] and "sequential" in by_t[t]]
     if not measured:
         return "not measured"
     for t in measured:
-        if by_t[t][method]["seconds"] < by_t[t]["scan"]["seconds"]:
+        if by_t[t][method]["seconds"] < by_t[t]["sequential"]["seconds"]:
             return f"T = {t}"
     return f"none up to T = {measured[-1]}"
 
 
-def markdown(records: list[dict], meta: dict) -> str:
+def _table(records: list[dict], mode: str) -> list[str]:
     lines = [
-        f"Measured {meta['date']} on {meta['backend']} ({meta['device']}, "
-        f"{meta['cpu_count']} cores visible, load average {meta['load_average']}), "
-        f"jax {meta['jax']}, {meta['dtype']}, Elman tanh cell, one sequence, input size "
-        f"{INPUT_SIZE}; median of {meta['repeats']} runs after a warm-up.",
-        "",
-        "| H | T | scan (ms) | DEER (ms) | DEER iters | quasi-DEER (ms) | quasi iters "
-        "| DEER / scan | quasi / scan |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| H | T | sequential (ms) | DEER (ms) | DEER iters | quasi-DEER (ms) | quasi iters "
+        "| torch nn.RNN (ms) | sequential / DEER | sequential / quasi | torch / best "
+        "parallel |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     table: dict[tuple[int, int], dict[str, dict]] = {}
     for r in records:
-        table.setdefault((r["H"], r["T"]), {})[r["method"]] = r
+        if r.get("mode", "forward") == mode:
+            table.setdefault((r["H"], r["T"]), {})[r["method"]] = r
 
     def ms(r: dict | None) -> str:
-        if r is None or "seconds" not in r:
+        if r is None:
+            return "–"
+        if "seconds" not in r:
             return "skipped"
-        return f"{r['seconds'] * 1e3:.2f}" + (" (fell back)" if r.get("fell_back") else "")
+        return f"{r['seconds'] * 1e3:.3g}" + (" (fell back)" if r.get("fell_back") else "")
 
     def iters(r: dict | None) -> str:
         return "–" if r is None or r.get("iterations") is None else str(r["iterations"])
 
-    def ratio(r: dict | None, base: dict | None) -> str:
-        if r is None or base is None or "seconds" not in r or "seconds" not in base:
+    def speedup(slow: dict | None, fast: dict | None) -> str:
+        if slow is None or fast is None or "seconds" not in slow or "seconds" not in fast:
             return "–"
-        return f"{r['seconds'] / base['seconds']:.2f}x"
+        return f"{slow['seconds'] / fast['seconds']:.3g}x"
 
     for (h, t), row in sorted(table.items()):
-        scan, deer, quasi = row.get("scan"), row.get("deer"), row.get("quasi_deer")
+        seq, deer, quasi = row.get("sequential"), row.get("deer"), row.get("quasi_deer")
+        timed = [r for r in (deer, quasi) if r is not None and "seconds" in r]
+        best = min(timed, key=lambda r: r["seconds"], default=None)
         lines.append(
-            f"| {h} | {t} | {ms(scan)} | {ms(deer)} | {iters(deer)} | {ms(quasi)} "
-            f"| {iters(quasi)} | {ratio(deer, scan)} | {ratio(quasi, scan)} |"
+            f"| {h} | {t} | {ms(seq)} | {ms(deer)} | {iters(deer)} | {ms(quasi)} "
+            f"| {iters(quasi)} | {ms(row.get('torch'))} | {speedup(seq, deer)} "
+            f"| {speedup(seq, quasi)} | {speedup(row.get('torch'), best)} |"
         )
+    return lines
+
+
+def markdown(records: list[dict], meta: dict) -> str:
+    lines = [
+        f"Measured {meta['date']} on {meta['backend']} ({meta['device']}; "
+        f"{meta['cpu_count']} CPU cores visible, load average {meta['load_average']}), "
+        f"jax {meta['jax']}, torch {meta['torch']}, {meta['dtype']}, matmul precision "
+        f"{meta['precision']}, Elman tanh cell, one sequence, input size {INPUT_SIZE}; "
+        f"median of {meta['repeats']} calls after a warm-up. Speed-ups > 1: the parallel "
+        "method is faster.",
+        "",
+        "Forward (states of every step):",
+        "",
+        *_table(records, "forward"),
+    ]
+    if any(r.get("mode") == "fwd_bwd" for r in records):
+        lines += ["", "Forward + backward (gradient of sum(states) with respect to the "
+                  "params):", "", *_table(records, "fwd_bwd")]
     lines += [
         "",
-        "Crossover (smallest T of the grid at which the method is faster than the scan):",
+        "Crossover (smallest T of the grid at which the method beats the sequential "
+        "unroll, forward):",
         "",
     ]
     for h in sorted({r["H"] for r in records}):
@@ -189,11 +313,13 @@ def markdown(records: list[dict], meta: dict) -> str:
             f"quasi-DEER {crossover(records, 'quasi_deer', h)}"
         )
     if any("skipped" in r for r in records):
+        limits = _limits()
         lines += [
             "",
-            f"Skipped as too big for this CPU: DEER where T*H^2 > {DEER_MAX_T_H2:.0e} "
-            f"(its Jacobians), quasi-DEER where T*H^2 > {QUASI_MAX_T_H2:.0e}, the scan "
-            f"where T*H^2 > {SEQ_MAX_T_H2:.0e}.",
+            "Skipped as too big for this machine: where T*H^2 exceeds "
+            + ", ".join(f"{k} {v:.0e}" for k, v in limits.items())
+            + " (DEER: Jacobian entries; quasi-DEER: multiply-adds per iteration), or "
+            "where the run failed (the JSON says why).",
         ]
     return "\n".join(lines) + "\n"
 
@@ -210,12 +336,36 @@ def main() -> None:
     )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument(
+        "--precision", default="default", choices=["default", "highest"],
+        help="'highest': full float32 matrix products in JAX (no TF32 on GPUs) and TF32 "
+        "off in PyTorch")
+    parser.add_argument("--grad-h", type=int, nargs="*", default=[],
+                        help="hidden sizes at which forward+backward is timed too")
+    parser.add_argument("--ts", type=int, nargs="*", help="lengths T (overrides the grid)")
+    parser.add_argument("--hs", type=int, nargs="*", help="hidden sizes H (overrides)")
     args = parser.parse_args()
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
+    if args.precision == "highest":
+        jax.config.update("jax_default_matmul_precision", "highest")
+        try:
+            import torch
+
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        except ImportError:
+            pass
     dtype = jnp.dtype(args.dtype)
     ts, hs = (QUICK_T, QUICK_H) if args.quick else (FULL_T, FULL_H)
+    ts, hs = tuple(args.ts or ts), tuple(args.hs or hs)
     device = jax.devices()[0]
+    try:
+        import torch
+
+        torch_version = torch.__version__
+    except ImportError:
+        torch_version = "not installed"
     meta = dict(
         date=datetime.date.today().isoformat(),
         backend=jax.default_backend(),
@@ -224,25 +374,33 @@ def main() -> None:
         cpu_count=os.cpu_count(),
         load_average=" ".join(f"{x:.1f}" for x in os.getloadavg()),
         jax=jax.__version__,
+        torch=torch_version,
         dtype=args.dtype,
+        precision=args.precision,
         repeats=args.repeats,
-        grid=dict(T=list(ts), H=list(hs)),
-        cell="elman (tanh), PyTorch init, input size 4, no batch, carry0 = 0",
+        grid=dict(T=list(ts), H=list(hs), grad_H=list(args.grad_h)),
+        limits=_limits(),
+        default_unroll=jax_rnn.default_unroll(),
+        cell="elman (tanh), PyTorch init, input size 4, one sequence, carry0 = 0",
     )
     print(
         f"backend: {meta['backend']} ({meta['device']}), load average {meta['load_average']}",
         flush=True,
     )
-    records = run_grid(ts, hs, args.repeats, dtype)
-    meta["load_average_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "parallel.json").write_text(
-        json.dumps(dict(meta=meta, records=records), indent=2) + "\n"
-    )
-    table = markdown(records, meta)
-    (args.out / "parallel.md").write_text(table)
+
+    def save(records: list[dict]) -> str:
+        meta["load_average_after"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+        (args.out / "parallel.json").write_text(
+            json.dumps(dict(meta=meta, records=records), indent=2) + "\n"
+        )
+        table = markdown(records, meta)
+        (args.out / "parallel.md").write_text(table)
+        return table
+
+    records = run_grid(ts, hs, args.repeats, dtype, tuple(args.grad_h), save)
     print()
-    print(table)
+    print(save(records))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Peers that cannot be imported are skipped, and the run says why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -20,7 +21,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +114,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--matmul-size", type=int, default=None,
                         help="N of the N x N matmul that measures the machine's throughput "
                         "(default 2048, 256 with --quick)")
+    parser.add_argument(
+        "--precision", default="default", choices=("default", "highest"),
+        help="matrix-product precision: 'default' leaves each library's own (on NVIDIA "
+        "GPUs both JAX and cuDNN may then use TF32 for float32), 'highest' asks JAX for "
+        "full float32 (jax_default_matmul_precision) and turns PyTorch's TF32 off")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 
@@ -241,6 +247,19 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def _torch_cuda_name() -> str | None:
+    """The GPU PyTorch would use when JAX runs on a GPU too, else ``None``."""
+    import jax
+
+    if jax.default_backend() != "gpu":
+        return None
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
 def _machine() -> dict:
     import jax
 
@@ -252,6 +271,8 @@ def _machine() -> dict:
         "cores": _cores(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
+        "device_kind": jax.devices()[0].device_kind,
+        "torch_cuda": _torch_cuda_name(),
         "versions": _versions(),
         "load_average_start": load,
     }
@@ -518,8 +539,8 @@ def _mb(row: dict, mode: str) -> str:
     m = row.get(mode, {})
     if m.get("memory_bytes") is None:
         return "–"
-    mark = {"xla_temp": "x", "tracemalloc_peak": "t", "rss_peak_growth": "r"}.get(
-        m["memory_kind"], "?")
+    mark = {"xla_temp": "x", "tracemalloc_peak": "t", "rss_peak_growth": "r",
+            "cuda_peak_growth": "c"}.get(m["memory_kind"], "?")
     return f"{m['memory_bytes'] / 2**20:.3g} {mark}"
 
 
@@ -547,12 +568,15 @@ def _markdown(doc: dict) -> str:
         "# jax-rnn bench",
         "",
         f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['platform']}; "
-        f"JAX {v['jax']} ({m['jax_backend']}), PyTorch {v['torch']}, Flax {v['flax']}, "
+        f"JAX {v['jax']} ({m['jax_backend']}: {m.get('device_kind', '?')}), "
+        f"PyTorch {v['torch']}, Flax {v['flax']}, "
         f"Haiku {v['dm-haiku']}, Equinox {v['equinox']}, numpy {v['numpy']}. "
         f"Load average at start {m['load_average_start']}, at end "
         f"{doc['load_average_end']}.",
         "",
-        f"dtype {doc['settings']['dtype']}; matmul throughput ({mm['n']}x{mm['n']} jitted "
+        f"dtype {doc['settings']['dtype']}, matmul precision "
+        f"{doc['settings'].get('precision', 'default')}; matmul throughput "
+        f"({mm['n']}x{mm['n']} jitted "
         f"JAX matmul, median) at the start: {mm['flops_per_s'] / 1e9:.1f} GFLOP/s. The same "
         "matmul is timed again in the forward+backward rounds of every config and cell, "
         "interleaved with the implementations; 'of matmul' divides jax_rnn's achieved "
@@ -560,8 +584,9 @@ def _markdown(doc: dict) -> str:
         "",
         "Times are medians in milliseconds; ratio = that row's time / jax_rnn's "
         "(> 1: jax_rnn is faster). Memory (MiB): x = XLA temp buffers of the compiled "
-        "function, t = tracemalloc peak, r = growth of the resident set (approximate). "
-        "A starred time had fewer than 3 samples (slow calls are sampled once).",
+        "function, t = tracemalloc peak, r = growth of the resident set (approximate), "
+        "c = growth of PyTorch's CUDA allocations. A starred time had fewer than 3 "
+        "samples (slow calls are sampled once).",
         "",
         "## Summary",
         "",
@@ -660,8 +685,11 @@ def _plot(doc: dict, path: Path) -> None:
     height = fig.get_figheight()
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(impls), 8), fontsize=8)
-    fig.suptitle(f"jax-rnn bench, {doc['settings']['dtype']}, {doc['machine']['cpu_model']} "
-                 f"({doc['machine']['cores']} cores); median times, lower is better",
+    m = doc["machine"]
+    where = (m["device_kind"] if m.get("jax_backend") == "gpu" and m.get("device_kind")
+             else f"{m['cpu_model']} ({m['cores']} cores)")
+    fig.suptitle(f"jax-rnn bench, {doc['settings']['dtype']}, {where}; median times, "
+                 "lower is better",
                  fontsize=10)
     fig.tight_layout(rect=(0, 0.45 / height, 1, 1 - 0.35 / height))
     fig.savefig(path, dpi=110)
@@ -697,12 +725,46 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--quick")
     if args.no_plot:
         parts.append("--no-plot")
+    if getattr(args, "precision", "default") != "default":
+        parts += ["--precision", args.precision]
     parts += ["--dtype", args.dtype, "--seed", str(args.seed), "--out", str(args.out)]
     return " ".join(parts)
 
 
+@contextlib.contextmanager
+def _full_float32(peers: list[str]) -> Iterator[None]:
+    """JAX's ``"highest"`` matmul precision and PyTorch's TF32 off, restored on exit."""
+    import jax
+
+    torch = None
+    if "torch" in peers:
+        with contextlib.suppress(ImportError):
+            import torch
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+             ) if torch is not None else None
+    try:
+        if torch is not None:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        if torch is not None and saved is not None:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def run(args: argparse.Namespace) -> int:
-    """Runs the benchmark and writes bench.json, bench.md and bench.png under ``--out``."""
+    """Runs the benchmark and writes bench.json, bench.md and bench.png under ``--out``.
+
+    With ``--precision highest`` every matrix product runs in full float32 (JAX's
+    ``"highest"`` precision, PyTorch's TF32 off) for the run only.
+    """
+    if getattr(args, "precision", "default") == "highest":
+        with _full_float32(list(args.peers or PEER_NAMES)):
+            return _run(args, "highest")
+    return _run(args, "default")
+
+
+def _run(args: argparse.Namespace, precision: str) -> int:
     import jax
 
     if args.dtype == "float64":
@@ -737,15 +799,67 @@ def run(args: argparse.Namespace) -> int:
     matmul = _matmul_throughput(matmul_n, args.dtype, matmul_repeats)
     matmul_by_cell: dict[tuple[str, str], dict] = {}
     print(f"jax-rnn bench: {matmul_n}x{matmul_n} matmul: "
-          f"{matmul['flops_per_s'] / 1e9:.1f} GFLOP/s ({machine['cpu_model']}, "
+          f"{matmul['flops_per_s'] / 1e9:.1f} GFLOP/s ({machine['device_kind']}; "
+          f"{machine['cpu_model']}, "
           f"{machine['cores']} cores)")
 
     results: list[dict] = []
     notes: list[str] = []
     load_by_config: dict[str, Any] = {}
     t_start = time.perf_counter()
+
+    def document(done: list[Config]) -> dict:
+        """Everything measured so far (``done``: the configs finished)."""
+        run_notes = list(notes)
+        if "torch" in peers_ok and machine.get("torch_cuda"):
+            run_notes.append(f"torch runs eager on {machine['torch_cuda']} (cuDNN RNN "
+                             "kernels), waiting with torch.cuda.synchronize() after each "
+                             "call; its forward runs under torch.inference_mode()")
+        elif "torch" in peers_ok:
+            run_notes.append(f"torch runs eager with torch.set_num_threads({_cores()}) (the "
+                             "machine's cores); its forward runs under torch.inference_mode()")
+        if "equinox" in peers_ok:
+            run_notes.append("Equinox cells are unbatched: vmapped over the batch inside "
+                             "lax.scan")
+        summary = _summarize(results, done, cells, matmul_by_cell)
+        return {
+            "command": _command(args),
+            "settings": {"dtype": args.dtype, "precision": precision, "repeats": repeats,
+                         "budget_s": budget,
+                         "seed": args.seed, "quick": args.quick, "peers": peers,
+                         "jax_rnn_unroll_has_impl": has_impl,
+                         "timing": "median of samples after a warm-up call; JAX functions "
+                         "jitted (AOT-compiled on the first call), PyTorch eager; "
+                         "compile_s = first call - median",
+                         "flops_formula": "6*T*B*(I+H)*H*G, G = 1 (Elman), 3 (GRU), 4 (LSTM)",
+                         "memory": {"xla_temp": "compiled.memory_analysis().temp_size_in_bytes",
+                                    "tracemalloc_peak": "tracemalloc peak during the first "
+                                    "call",
+                                    "rss_peak_growth": "peak RSS above the level before the "
+                                    "first call, sampled every 0.5 ms (approximate)",
+                                    "cuda_peak_growth": "torch.cuda.max_memory_allocated "
+                                    "above the level before the first call"}},
+            "machine": machine,
+            "matmul": matmul,
+            "configs": [dataclasses.asdict(c) for c in done],
+            "configs_asked": [c.name for c in configs],
+            "complete": len(done) == len(configs),
+            "skipped": {k: v for k, v in skipped.items()},
+            "notes": run_notes,
+            "results": results,
+            "summary": summary,
+            "bars": _bars(summary) if not args.quick else [],
+            "wall_s": time.perf_counter() - t_start,
+            "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "load_average_at_config_start": load_by_config,
+        }
+
+    def write(doc: dict) -> None:
+        (out / "bench.json").write_text(json.dumps(doc, indent=1, default=float))
+        (out / "bench.md").write_text(_markdown(doc))
+
     with _Progress() as progress:
-        for c in configs:
+        for i, c in enumerate(configs):
             if hasattr(os, "getloadavg"):
                 load_by_config[c.name] = os.getloadavg()
             for cell in cells:
@@ -754,41 +868,11 @@ def run(args: argparse.Namespace) -> int:
                     min(repeats, c.repeats or repeats), budget, matmul_n, progress)
                 results.extend(rows)
                 notes.extend(n for n in cell_notes if n not in notes)
+            if i + 1 < len(configs):  # an interrupted run keeps what it measured
+                write(document(configs[: i + 1]))
         progress.step("done", advance=0)
-    if "torch" in peers_ok:
-        notes.append(f"torch runs eager with torch.set_num_threads({_cores()}) (the machine's "
-                     "cores); its forward runs under torch.inference_mode()")
-    if "equinox" in peers_ok:
-        notes.append("Equinox cells are unbatched: vmapped over the batch inside lax.scan")
-    summary = _summarize(results, configs, cells, matmul_by_cell)
-    doc = {
-        "command": _command(args),
-        "settings": {"dtype": args.dtype, "repeats": repeats, "budget_s": budget,
-                     "seed": args.seed, "quick": args.quick, "peers": peers,
-                     "jax_rnn_unroll_has_impl": has_impl,
-                     "timing": "median of samples after a warm-up call; JAX functions "
-                     "jitted (AOT-compiled on the first call), PyTorch eager; "
-                     "compile_s = first call - median",
-                     "flops_formula": "6*T*B*(I+H)*H*G, G = 1 (Elman), 3 (GRU), 4 (LSTM)",
-                     "memory": {"xla_temp": "compiled.memory_analysis().temp_size_in_bytes",
-                                "tracemalloc_peak": "tracemalloc peak during the first call",
-                                "rss_peak_growth": "peak RSS above the level before the "
-                                "first call, sampled every 0.5 ms (approximate)"}},
-        "machine": machine,
-        "matmul": matmul,
-
-        "configs": [dataclasses.asdict(c) for c in configs],
-        "skipped": {k: v for k, v in skipped.items()},
-        "notes": notes,
-        "results": results,
-        "summary": summary,
-        "bars": _bars(summary) if not args.quick else [],
-        "wall_s": time.perf_counter() - t_start,
-        "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-        "load_average_at_config_start": load_by_config,
-    }
-    (out / "bench.json").write_text(json.dumps(doc, indent=1, default=float))
-    (out / "bench.md").write_text(_markdown(doc))
+    doc = document(configs)
+    write(doc)
     if not args.no_plot:
         try:
             _plot(doc, out / "bench.png")

@@ -545,12 +545,20 @@ class _RSSPeak:
 
 
 def torch_runners(cell_name: str, params: Any, xs: np.ndarray) -> list[Runner]:
-    """PyTorch ``nn.RNN`` (tanh or relu), ``nn.GRU`` or ``nn.LSTM``, eager, on the CPU.
+    """PyTorch ``nn.RNN`` (tanh or relu), ``nn.GRU`` or ``nn.LSTM``, eager.
 
-    The forward pass runs under ``torch.inference_mode()`` (no autograd bookkeeping, as a
-    jitted JAX forward has none); the forward+backward pass clears ``.grad`` first.
+    It runs where JAX runs: on the GPU (cuDNN's fused RNN kernels, each call waits with
+    ``torch.cuda.synchronize()``, peak memory from ``torch.cuda.max_memory_allocated``)
+    when JAX's default backend is a GPU and PyTorch sees CUDA, else on the CPU. cuDNN's
+    TF32 switch is left at PyTorch's default, as a user would find it. The forward pass
+    runs under ``torch.inference_mode()`` (no autograd bookkeeping, as a jitted JAX
+    forward has none); the forward+backward pass clears ``.grad`` first.
     """
+    import jax
     import torch
+
+    cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
 
     hidden, inputs = params.w_cell_state.shape[0], params.w_cell_input.shape[0]
     dtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[xs.dtype]
@@ -568,43 +576,55 @@ def torch_runners(cell_name: str, params: Any, xs: np.ndarray) -> list[Runner]:
         module = torch.nn.LSTM(inputs, hidden)
         bias_ih, bias_hh = p.b_cell_input, p.b_cell_state
         label = "torch nn.LSTM"
-    module = module.to(dtype)
+    module = module.to(device=device, dtype=dtype)  # before loading: float64 stays float64
     state = {"weight_ih_l0": p.w_cell_input.T, "weight_hh_l0": p.w_cell_state.T,
              "bias_ih_l0": bias_ih, "bias_hh_l0": bias_hh}
     module.load_state_dict({k: torch.tensor(np.ascontiguousarray(v), dtype=dtype)
                             for k, v in state.items()})
-    x = torch.tensor(xs, dtype=dtype)
+    x = torch.tensor(xs, dtype=dtype, device=device)
     weights = list(module.parameters())
     peaks: dict[str, int | None] = {}
+    wait = torch.cuda.synchronize if cuda else (lambda: None)
 
     def forward() -> Any:
         with torch.inference_mode():
-            return module(x)[0]
+            out = module(x)[0]
+        wait()
+        return out
 
     def fwd_bwd() -> Any:
         for w in weights:
             w.grad = None
         loss = module(x)[0].sum()
         loss.backward()
+        wait()
         return loss, [w.grad for w in weights]
+
+    def cuda_peak(fn: Callable[[], Any]) -> tuple[Any, int]:
+        wait()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        result = fn()
+        return result, torch.cuda.max_memory_allocated() - base
 
     def probe(mode: str, fn: Callable[[], Any]) -> Callable[[], Any]:
         def call() -> Any:
             if mode in peaks:
                 return fn()
-            result, peaks[mode] = _RSSPeak().run(fn)
+            result, peaks[mode] = cuda_peak(fn) if cuda else _RSSPeak().run(fn)
             return result
 
         return call
 
     def memory(mode: str) -> tuple[int | None, str]:
-        return peaks.get(mode), "rss_peak_growth"
+        return peaks.get(mode), "cuda_peak_growth" if cuda else "rss_peak_growth"
 
     note = "weight_ih = w_cell_input.T, weight_hh = w_cell_state.T, biases as they are"
     if cell_name in ("elman", "elman_relu"):
         note = "weight_ih = w_cell_input.T, weight_hh = w_cell_state.T, bias_ih = b_cell, " \
             "bias_hh = 0"
-    return [Runner("torch", f"{label} (eager)", "torch", True, note,
+    where = "cuDNN" if cuda else "eager"
+    return [Runner("torch", f"{label} ({where})", "torch", True, note,
                    probe("forward", forward), probe("fwd_bwd", fwd_bwd), memory, jit=False)]
 
 

@@ -5,16 +5,30 @@ each step's input by ``w_cell_input`` inside the loop although that product does
 depend on the state, and its backward loop accumulates the weight gradients step by step.
 Here, as in cuDNN,
 
-1. the input projection ``gx = xs @ w_cell_input + b`` of every step is one matrix
-   product before the loop (and its gradients one product after it, by autodiff);
+1. on accelerators, the input projection ``gx = xs @ w_cell_input + b`` of every step is
+   one matrix product before the differentiated loop; on CPUs, and in any call that is
+   not differentiated, each step projects its own inputs instead, which never writes
+   ``(T, *batch, G*H)`` projected inputs to memory (the backward pass does not need
+   them). The projection's gradients are one product after the backward loop;
 2. only the recurrence ``gh_t = h_{t-1} @ w_cell_state`` and the cell's elementwise
    gates run sequentially;
 3. a :func:`jax.custom_vjp` backward whose sequential loop carries only the state
    gradients; ``d w_cell_state = sum_t h_{t-1}^T d gh_t`` is one contraction afterwards.
 
 Each cell is split into its recurrent matrix product and a ``pointwise`` part
-``(gx_t, gh_t, carry) -> (carry, pre_activation)``; the backward loop differentiates the
-pointwise part with :func:`jax.vjp` (elementwise work only).
+``(gx_t, gh_t, carry) -> (carry, pre_activation, gates)``. The differentiated forward
+loop keeps the activated ``gates`` (sigmoids and tanhs) of every step, and each cell's
+hand-written ``step_back`` turns them into the step's gradients with multiplications and
+additions only: no activation is evaluated again and no :func:`jax.vjp` is traced per
+step. The derivatives of tanh, sigmoid and relu follow from their outputs (``1 - h^2``,
+``h (1 - h)``, ``h > 0``), so an Elman cell with one of these keeps nothing beyond its
+outputs; any other Elman activation (``make_elman``) is differentiated with
+:func:`jax.vjp` at each step, which is right whether or not it acts elementwise. Without
+masked steps, each step's input state is the previous step's output, rebuilt after the
+loop instead of kept per step. The backward loop multiplies by ``w_cell_state.T``
+transposed once outside it (XLA's CPU backend is slower with a transposed operand), and
+computes the elementwise part inside it: reading the saved gates costs less memory
+traffic than a precomputed array of derivatives would.
 
 Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``: use
 ``unroll(..., impl="scan")`` for it (reverse-over-reverse works on both).
@@ -35,15 +49,48 @@ from ._gru import GRUParams, gru_step
 from ._lstm import LSTMParams, LSTMState, lstm_step
 from ._masks import bcast as _bcast
 from ._masks import select as _select
+from ._masks import zero_where_invalid as _zero_where_invalid
+
+
+class Tape(NamedTuple):
+    """What the differentiated forward pass keeps for the backward pass, stacked over time.
+
+    Attributes:
+        h_in: each step's input hidden state (after any reset).
+        pre: the public pre-activations (zero at masked steps).
+        state: the public states (zero at masked steps).
+        gates: the cell's activations, the third result of its ``pointwise``.
+    """
+
+    h_in: Array
+    pre: Array
+    state: Array
+    gates: Any
 
 
 class FusedCell(NamedTuple):
-    """How one built-in cell splits into projection, recurrence and pointwise parts."""
+    """How one built-in cell splits into projection, recurrence and pointwise parts, and
+    its hand-written backward pass.
 
-    input_bias: Callable[[Any], Array | None]  # bias added to x @ w_cell_input
-    recurrent_bias: Callable[[Any], Array | None]  # bias added to h @ w_cell_state
-    pointwise: Callable[[Array, Array, Any], tuple[Any, Array]]  # (gx, gh, c) -> (c', pre)
-    hidden: Callable[[Any], Array]  # the h part of a carry
+    Attributes:
+        input_bias: the bias added to ``x @ w_cell_input``.
+        recurrent_bias: the bias added to ``h @ w_cell_state``.
+        pointwise: ``(gx, gh, c) -> (c', pre, gates)``, the elementwise part of a step;
+            ``gates`` are the activations that the backward pass reuses.
+        hidden: the ``h`` part of a carry.
+        prepare: ``(tape, d_pre, d_state) -> backward-loop inputs``, all steps at once.
+        step_back: ``(w.T, inputs_t, d_c') -> (d_out_t, d_c)``, one step of the backward
+            loop: elementwise products and the one matrix product ``d gh @ w.T``.
+        gate_grads: ``(d_out, tape) -> (d_gx, d_gh)`` for all steps, after the loop.
+    """
+
+    input_bias: Callable[[Any], Array | None]
+    recurrent_bias: Callable[[Any], Array | None]
+    pointwise: Callable[[Array, Array, Any], tuple[Any, Array, Any]]
+    hidden: Callable[[Any], Array]
+    prepare: Callable[[Tape, Array, Array], Any]
+    step_back: Callable[[Array, Any, Any], tuple[Any, Any]]
+    gate_grads: Callable[[Any, Tape], tuple[Array, Array]]
 
 
 def _sum_biases(*biases: Array | None) -> Array | None:
@@ -60,35 +107,135 @@ def _ident(carry: Any) -> Any:
     return carry
 
 
+def _same(d_g: Array, tape: Tape) -> tuple[Array, Array]:
+    """Gate gradients of a cell that adds ``gx`` and ``gh`` before any nonlinearity."""
+    return d_g, d_g
+
+
+# Elman: pre = gx + gh, h' = act(pre). d pre = (d h' + d state) * act'(pre) + d pre (the
+# cotangent of the public pre-activation), d gx = d gh = d pre, d h = d pre @ w.T.
+
+
+def _tanh_back(h: Array, d_h: Array) -> Array:
+    return d_h * (1.0 - h * h)
+
+
+def _relu_back(h: Array, d_h: Array) -> Array:
+    return jnp.where(h > 0, d_h, jnp.zeros((), d_h.dtype))  # h > 0 exactly where pre > 0
+
+
+def _sigmoid_back(h: Array, d_h: Array) -> Array:
+    return d_h * h * (1.0 - h)
+
+
+_BACK_FROM_OUTPUT = ((jnp.tanh, _tanh_back), (jax.nn.relu, _relu_back),
+                     (jax.nn.sigmoid, _sigmoid_back))
+"""Activations whose derivative follows from their output: no re-evaluation, and the
+pre-activations need not be kept."""
+
+
+def _elman_prepare_state(tape: Tape, d_pre: Array, d_state: Array) -> Any:
+    return tape.state, d_pre, d_state
+
+
+def _elman_step_back_state(back: Callable[[Array, Array], Array]) -> Callable[..., Any]:
+    def step_back(w_t: Array, inputs: Any, d_new: Array) -> tuple[Array, Array]:
+        h, d_pre, d_state = inputs
+        d_g = back(h, d_new + d_state) + d_pre
+        return d_g, d_g @ w_t
+
+    return step_back
+
+
+def _elman_prepare_any(tape: Tape, d_pre: Array, d_state: Array) -> Any:
+    return tape.pre, d_pre, d_state
+
+
+def _elman_step_back_any(activation: Callable[[Array], Array]) -> Callable[..., Any]:
+    def step_back(w_t: Array, inputs: Any, d_new: Array) -> tuple[Array, Array]:
+        pre, d_pre, d_state = inputs  # any activation (elementwise or not): its vjp
+        d_g = jax.vjp(activation, pre)[1](d_new + d_state)[0] + d_pre
+        return d_g, d_g @ w_t
+
+    return step_back
+
+
 @functools.cache
 def _elman_fused(activation: Callable[[Array], Array]) -> FusedCell:
-    def pointwise(gx: Array, gh: Array, h: Array) -> tuple[Array, Array]:
+    def pointwise(gx: Array, gh: Array, h: Array) -> tuple[Array, Array, tuple[()]]:
         pre = gx + gh
-        return activation(pre), pre
+        return activation(pre), pre, ()
 
+    back = next((b for f, b in _BACK_FROM_OUTPUT if f is activation), None)
     return FusedCell(
         input_bias=lambda p: _sum_biases(p.b_cell, p.b_cell_state),
         recurrent_bias=lambda p: None,
         pointwise=pointwise,
         hidden=_ident,
+        prepare=_elman_prepare_any if back is None else _elman_prepare_state,
+        step_back=(_elman_step_back_any(activation) if back is None
+                   else _elman_step_back_state(back)),
+        gate_grads=_same,
     )
 
 
-def _gru_pointwise(gx: Array, gh: Array, h: Array) -> tuple[Array, Array]:
+# GRU: r = s(x_r + h_r), z = s(x_z + h_z), pre = x_n + r * h_n, n = tanh(pre),
+# h' = (1 - z) * n + z * h, with s the sigmoid and [h_r, h_z, h_n] = h @ w + b.
+
+
+def _gru_pointwise(gx: Array, gh: Array, h: Array) -> tuple[Array, Array, Any]:
     x_r, x_z, x_n = jnp.split(gx, 3, axis=-1)
     h_r, h_z, h_n = jnp.split(gh, 3, axis=-1)
     r = jax.nn.sigmoid(x_r + h_r)
     z = jax.nn.sigmoid(x_z + h_z)
     pre = x_n + r * h_n
     n = jnp.tanh(pre)
-    return (1.0 - z) * n + z * h, pre
+    return (1.0 - z) * n + z * h, pre, (r, z, n, h_n)
 
 
-def _lstm_pointwise(gx: Array, gh: Array, carry: LSTMState) -> tuple[LSTMState, Array]:
+def _gru_prepare(tape: Tape, d_pre: Array, d_state: Array) -> Any:
+    return tape.gates, tape.h_in, d_pre, d_state
+
+
+def _gru_step_back(w_t: Array, inputs: Any, d_new: Array) -> tuple[Array, Array]:
+    (r, z, n, h_n), h, d_pre, d_state = inputs
+    d_h = d_new + d_state
+    d_pre = d_h * (1.0 - z) * (1.0 - n * n) + d_pre
+    d_r = d_pre * h_n * r * (1.0 - r)
+    d_z = d_h * (h - n) * z * (1.0 - z)
+    d_gh = jnp.concatenate([d_r, d_z, d_pre * r], axis=-1)
+    return jnp.concatenate([d_r, d_z, d_pre], axis=-1), d_gh @ w_t + d_h * z
+
+
+def _gru_gate_grads(d_gx: Array, tape: Tape) -> tuple[Array, Array]:
+    r = tape.gates[0]  # d h_n = d pre * r; the r and z gates see gx + gh
+    d_rz, d_n = jnp.split(d_gx, [2 * r.shape[-1]], axis=-1)
+    return d_gx, jnp.concatenate([d_rz, d_n * r], axis=-1)
+
+
+# LSTM: [i, f, g, o] = gx + gh, c' = s(f) * c + s(i) * tanh(g), h' = s(o) * tanh(c').
+
+
+def _lstm_pointwise(gx: Array, gh: Array, carry: LSTMState) -> tuple[LSTMState, Array, Any]:
     i, f, g, o = jnp.split(gx + gh, 4, axis=-1)
-    c = jax.nn.sigmoid(f) * carry.c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h = jax.nn.sigmoid(o) * jnp.tanh(c)
-    return LSTMState(h, c), g
+    i, f, tg, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    c = f * carry.c + i * tg
+    tc = jnp.tanh(c)
+    return LSTMState(o * tc, c), g, (i, f, tg, o, tc, carry.c)
+
+
+def _lstm_prepare(tape: Tape, d_pre: Array, d_state: Array) -> Any:
+    return tape.gates, d_pre, d_state
+
+
+def _lstm_step_back(w_t: Array, inputs: Any, d_new: LSTMState) -> tuple[Array, LSTMState]:
+    (i, f, tg, o, tc, c), d_pre, d_state = inputs
+    d_h = d_new.h + d_state
+    d_c = d_new.c + d_h * o * (1.0 - tc * tc)
+    d_a = jnp.concatenate([d_c * tg * i * (1.0 - i), d_c * c * f * (1.0 - f),
+                           d_c * i * (1.0 - tg * tg) + d_pre, d_h * tc * o * (1.0 - o)],
+                          axis=-1)
+    return d_a, LSTMState(d_a @ w_t, d_c * f)
 
 
 _GATED = {
@@ -97,12 +244,18 @@ _GATED = {
         recurrent_bias=lambda p: p.b_cell_state,
         pointwise=_gru_pointwise,
         hidden=_ident,
+        prepare=_gru_prepare,
+        step_back=_gru_step_back,
+        gate_grads=_gru_gate_grads,
     )),
     lstm_step: (LSTMParams, FusedCell(
         input_bias=lambda p: _sum_biases(p.b_cell_input, p.b_cell_state),
         recurrent_bias=lambda p: None,
         pointwise=_lstm_pointwise,
         hidden=lambda c: c.h,
+        prepare=_lstm_prepare,
+        step_back=_lstm_step_back,
+        gate_grads=_same,
     )),
 }
 
@@ -129,9 +282,10 @@ def _zeros_like(tree: Any) -> Any:
 def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Array | None,
              gx: Array, carry0: Any, valid: Array | None, resets: Array | None,
              residuals: bool = True, projection: tuple[Array, Array | None] | None = None,
-             ) -> tuple[Any, tuple[Array, Array], Any]:
-    """The forward loop; with ``residuals`` it also stacks what the backward pass needs
-    (each step's input carry and recurrent product), which a forward-only call skips.
+             ) -> tuple[Any, Tape]:
+    """The forward loop: ``(final, tape)``. With ``residuals`` the tape also holds each
+    step's input state and gates for the backward pass; a forward-only call skips them
+    (``None`` in the tape).
 
     With ``projection=(w_in, b_in)``, ``gx`` holds the raw inputs and each step projects
     its own: a forward-only call then never materialises ``(T, *batch, G*H)`` projected
@@ -146,18 +300,29 @@ def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Arra
         gh = fc.hidden(c_in) @ w
         if b is not None:
             gh = gh + b
-        new, pre = fc.pointwise(gx_t, gh, c_in)
+        new, pre, gates = fc.pointwise(gx_t, gh, c_in)
         state = fc.hidden(new)
         if valid_t is not None:
             new = _select(valid_t, new, c_in)
-            pre, state = _select(valid_t, (pre, state), (jnp.zeros_like(pre),
-                                                         jnp.zeros_like(state)))
-        return new, ((pre, state, c_in, gh) if residuals else (pre, state))
+            pre, state = _zero_where_invalid(valid_t, (pre, state))
+        if not residuals:
+            return new, Tape(None, pre, state, None)
+        # Each step's input state is the previous step's output, except after masked steps.
+        return new, Tape(None if valid is None else fc.hidden(c_in), pre, state, gates)
 
-    final, stacked = jax.lax.scan(
-        body, carry0, (gx, valid, resets), reverse=reverse, unroll=unroll
-    )
-    return final, stacked[:2], (stacked[2:] if residuals else None)
+    final, tape = jax.lax.scan(body, carry0, (gx, valid, resets), reverse=reverse,
+                               unroll=unroll)
+    if residuals and valid is None:
+        tape = tape._replace(h_in=_previous(tape.state, fc.hidden(carry0), resets, reverse))
+    return final, tape
+
+
+def _previous(state: Array, h0: Array, resets: Array | None, reverse: bool) -> Array:
+    """Each step's input state from the stacked outputs of an unmasked loop."""
+    h0 = jnp.broadcast_to(h0, state.shape[1:])[None]
+    h_in = (jnp.concatenate([state[1:], h0]) if reverse
+            else jnp.concatenate([h0, state[:-1]]))
+    return h_in if resets is None else jnp.where(_bcast(resets, h_in), h0, h_in)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
@@ -173,61 +338,75 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, w_in: Arr
     Evaluated without differentiation it is a plain loop; differentiated, the forward
     pass hoists the input projection and the backward pass is fused (module docstring).
     """
-    final, (pre, state), _ = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
-                                      residuals=False, projection=(w_in, b_in))
-    return final, pre, state
+    final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
+                           residuals=False, projection=(w_in, b_in))
+    return final, tape.pre, tape.state
+
+
+def _project_per_step() -> bool:
+    """Whether the differentiated forward loop projects each step's inputs itself.
+
+    Yes on CPUs, where the hoisted product's ``(T, *batch, G*H)`` result costs more memory
+    traffic than one product saves (the backward pass does not keep it); no on
+    accelerators, where the per-step product is one more kernel launch per step.
+    """
+    return jax.default_backend() == "cpu"
 
 
 def _fused_fwd(fc, reverse, unroll, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
-    gx = _project(xs, w_in, b_in)
-    final, (pre, state), (c_ins, ghs) = _forward(fc, reverse, unroll, w, b, gx, carry0, valid,
-                                                 resets)
-    res = (w_in, b_in, w, b, xs, gx, carry0, valid, resets, cut, c_ins, ghs)
-    return (final, pre, state), res
+    if _project_per_step():
+        final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
+                               projection=(w_in, b_in))
+    else:
+        final, tape = _forward(fc, reverse, unroll, w, b, _project(xs, w_in, b_in), carry0,
+                               valid, resets)
+    res = (w_in, b_in, w, b, xs, valid, resets, cut, tape)
+    return (final, tape.pre, tape.state), res
+
+
+def _carry_masks(resets: Array | None, cut: Array | None) -> tuple[Array | None, Array | None]:
+    """``(keep, to_carry0)``: where a step's input-carry gradient flows on to the previous
+    step, and where it flows to ``carry0`` instead (a reset not cut off); ``None`` for
+    everywhere and nowhere. ``cut`` may be ``(T,)`` where ``resets`` is ``(T, *batch)``."""
+    if resets is None:
+        return (None if cut is None else ~cut), None
+    if cut is None:
+        return ~resets, resets
+    cut = _bcast(cut, resets)
+    return ~(cut | resets), resets & ~cut
 
 
 def _fused_bwd(fc, reverse, unroll, res, cotangents):  # noqa: ANN001
-    w_in, b_in, w, b, xs, gx, carry0, valid, resets, cut, c_ins, ghs = res
+    w_in, b_in, w, b, xs, valid, resets, cut, tape = res
     d_final, d_pre, d_state = cotangents
+    inputs = fc.prepare(tape, d_pre, d_state)
+    keep, to_carry0 = _carry_masks(resets, cut)
+    w_t = w.T  # transposed once: XLA CPU multiplies by a transposed operand more slowly
 
-    def pointwise_out(gx_t: Array, gh_t: Array, c_in: Any) -> tuple[Any, Array, Array]:
-        new, pre = fc.pointwise(gx_t, gh_t, c_in)
-        return new, pre, fc.hidden(new)
-
-    def h_times_w(c_in: Any) -> Array:  # the recurrent product, differentiated in c only
-        return fc.hidden(c_in) @ w
-
-    def body(loop: Any, inputs: Any) -> tuple[Any, Any]:
+    def body(loop: Any, xs_t: Any) -> tuple[Any, Any]:
         d_carry, d_carry0 = loop
-        gx_t, gh_t, c_in, valid_t, reset_t, cut_t, d_pre_t, d_state_t = inputs
-        _, vjp_pointwise = jax.vjp(pointwise_out, gx_t, gh_t, c_in)
-        if valid_t is None:
-            d_new, through = d_carry, _zeros_like(d_carry)
-        else:
-            zeros = _zeros_like(d_carry)
-            d_new = _select(valid_t, d_carry, zeros)
-            through = _select(valid_t, zeros, d_carry)
-            d_pre_t, d_state_t = _select(valid_t, (d_pre_t, d_state_t),
-                                         (jnp.zeros_like(d_pre_t), jnp.zeros_like(d_state_t)))
-        d_gx, d_gh, d_c_in = vjp_pointwise((d_new, d_pre_t, d_state_t))
-        (d_c_matmul,) = jax.vjp(h_times_w, c_in)[1](d_gh)
-        d_c = jax.tree.map(lambda a, b_, c: a + b_ + c, d_c_in, d_c_matmul, through)
-        if cut_t is not None:  # c_in = stop_gradient(c) at a truncation boundary
-            d_c = _select(cut_t, _zeros_like(d_c), d_c)
-        if reset_t is not None:  # c_in = carry0 where reset
-            d_carry0 = jax.tree.map(jnp.add, d_carry0, _select(reset_t, d_c, _zeros_like(d_c)))
-            d_c = _select(reset_t, _zeros_like(d_c), d_c)
-        return (d_c, d_carry0), (d_gx, d_gh)
+        inputs_t, valid_t, keep_t, to_carry0_t = xs_t
+        d_out, d_c = fc.step_back(w_t, inputs_t, d_carry)
+        if valid_t is not None:  # a masked step passes its carry's gradient through
+            d_out = _zero_where_invalid(valid_t, d_out)
+            d_c = _select(valid_t, d_c, d_carry)
+        if to_carry0_t is not None:  # c_in = carry0 where reset
+            d_carry0 = jax.tree.map(jnp.add, d_carry0, _zero_where_invalid(to_carry0_t, d_c))
+        if keep_t is not None:  # no gradient past a reset or truncation boundary
+            d_c = _zero_where_invalid(keep_t, d_c)
+        return (d_c, d_carry0), d_out
 
-    inputs = (gx, ghs, c_ins, valid, resets, cut, d_pre, d_state)
-    (d_c, d_carry0), (d_gx, d_gh) = jax.lax.scan(
-        body, (d_final, _zeros_like(d_final)), inputs, reverse=not reverse, unroll=unroll
+    d_carry0 = None if resets is None else _zeros_like(d_final)
+    (d_c, d_carry0), d_out = jax.lax.scan(
+        body, (d_final, d_carry0), (inputs, valid, keep, to_carry0), reverse=not reverse,
+        unroll=unroll,
     )
-    d_carry0 = jax.tree.map(jnp.add, d_carry0, d_c)
+    d_carry0 = d_c if d_carry0 is None else jax.tree.map(jnp.add, d_carry0, d_c)
+    d_gx, d_gh = fc.gate_grads(d_out, tape)
     # One contraction over time and batch. tensordot keeps the batch axis intact (no
     # reshape merging it with time), so a batch sharded across devices stays sharded and
     # XLA reduces with one all-reduce instead of gathering every state.
-    h_in = fc.hidden(c_ins)
+    h_in = tape.h_in
     lead = tuple(range(d_gh.ndim - 1))
     d_w = jnp.tensordot(h_in, d_gh, axes=(lead, lead)).astype(w.dtype)
     d_b = None if b is None else d_gh.sum(axis=lead).astype(b.dtype)

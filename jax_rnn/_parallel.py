@@ -530,6 +530,21 @@ def _is_traced(tree: Any) -> bool:
     return any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))
 
 
+def raise_if_unconverged(where: str, info: Any, method: str, tol: float | None,
+                         max_iter: int | None, length: int, dtype: Any) -> None:
+    """Raises ``ValueError`` if any concrete :class:`ParallelInfo` in ``info`` (a pytree,
+    e.g. one per layer) did not converge; traced infos are skipped."""
+    infos = [leaf for leaf in jax.tree.leaves(info, is_leaf=lambda x: isinstance(
+        x, ParallelInfo)) if isinstance(leaf, ParallelInfo)]
+    for one in infos:
+        if _is_traced(one) or bool(np.all(one.converged)):
+            continue
+        tol = default_tol(jnp.dtype(dtype)) if tol is None else float(tol)
+        max_iter = min(length, DEFAULT_MAX_ITER) if max_iter is None else int(max_iter)
+        message = _failure_message(method, one.iterations, one.residual, tol, max_iter, length)
+        raise ValueError(message.replace(_WHERE, where, 1))
+
+
 def _failure_message(
     method: str, iterations: Any, residual: Any, tol: float, max_iter: int, length: int
 ) -> str:
@@ -618,10 +633,12 @@ def parallel_solve(
             (or the iterates become NaN/Inf): ``"fallback"`` recomputes the states with
             a sequential :func:`jax.lax.scan` (inside :func:`jax.lax.cond`, so only a
             failing call pays; under :func:`jax.vmap` both branches run);
-            ``"raise"`` raises ``ValueError`` when the inputs are concrete, and under
-            ``jit`` makes the computation fail at run time (``jax.debug.callback``,
-            surfacing as ``JaxRuntimeError`` with the same message); ``"ignore"``
-            returns the last Newton iterate, with ``info.converged`` false.
+            ``"raise"`` raises ``ValueError`` when the inputs are concrete; under
+            ``jit`` it raises from a ``jax.debug.callback`` at run time (surfacing as
+            ``JaxRuntimeError`` with the same message where the JAX version propagates
+            callback errors; newer versions and GPUs may only log it) and returns NaN
+            states and outputs, so a failed solve is never mistaken for a result;
+            ``"ignore"`` returns the last Newton iterate, with ``info.converged`` false.
         jacobian_diagonal: for ``quasi_deer``: ``diagonal(params, carry, x)``, a
             carry-shaped pytree of :math:`\partial\,\mathrm{carry}'_i /
             \partial\,\mathrm{carry}_i`. ``None`` looks ``step`` up in the registry
@@ -719,6 +736,9 @@ def parallel_solve(
                     _failure_message(method, info.iterations, info.residual, tol, max_iter, length)
                 )
         else:
+            # Traced: the callback raises at run time, but some JAX versions and backends
+            # only log a callback's exception, so a failed solve also returns NaN states:
+            # a wrong trajectory never passes for a right one.
 
             def check(converged: Any, iterations: Any, residual: Any) -> None:
                 if not bool(np.all(converged)):
@@ -727,6 +747,8 @@ def parallel_solve(
                     )
 
             jax.debug.callback(check, info.converged, info.iterations, info.residual)
+            states = jnp.where(jnp.all(info.converged), states,
+                               jnp.full_like(states, jnp.nan))
 
     prev = layout.unflatten(_previous(h0, states))
     new, ys = jax.vmap(step_ext, in_axes=(None, 0, 0))(params_ext, prev, xs)

@@ -802,8 +802,31 @@ def checked_call(
     if check_finite:
         check_finite_inputs(where, xs=prep.xs, params=params, state0=prep.state0)
     unroll = default_unroll() if unroll is None else unroll
+    # Called with concrete arrays, on_failure="raise" is checked here, on the host, after
+    # the compiled call (which runs as "ignore"): no callback, whatever the backend does
+    # with callback errors.
+    check_on_host = (method != "sequential" and on_failure == "raise"
+                     and not _any_tracer((params, prep.xs, prep.state0, seq_lengths, resets,
+                                          dropout_key, guess)))
     opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate),
-                   impl, method, tol, max_iter, damping, on_failure)
+                   impl, method, tol, max_iter, damping,
+                   "ignore" if check_on_host else on_failure)
+    result = _call(where, jitted, cell, params, prep, seq_lengths, resets, dropout_key, guess,
+                   opts, time_major)
+    if check_on_host:
+        from ._parallel import raise_if_unconverged
+
+        raise_if_unconverged(where, result[2], method, tol, max_iter, prep.length, prep.dtype)
+    return result
+
+
+def _any_tracer(tree: Any) -> bool:
+    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+
+
+def _call(where: str, jitted: Any, cell: Any, params: Any, prep: Any, seq_lengths: Any,
+          resets: Any, dropout_key: Any, guess: Any, opts: Options, time_major: bool) -> Any:
+    """``jitted(...)``, with its run-time failures turned into plain errors."""
     try:
         return jitted(
             cell,

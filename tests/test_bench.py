@@ -43,6 +43,21 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path, capsys):
     assert "ratio = peer time / jax_rnn time" in capsys.readouterr().out
 
 
+def test_precision_highest_is_recorded_and_restored(tmp_path):
+    """``--precision highest`` runs in full float32 and leaves JAX's setting as it was."""
+    before = jax.config.jax_default_matmul_precision
+    argv = ["bench", "--quick", "--out", str(tmp_path), "--peers", "scan", "--cells", "gru",
+            "--repeats", "1", "--budget", "0.01", "--matmul-size", "32", "--no-plot",
+            "--precision", "highest"]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["settings"]["precision"] == "highest"
+    assert "--precision highest" in doc["command"]
+    assert "matmul precision highest" in (tmp_path / "bench.md").read_text()
+    assert all(r["check"]["max_abs_diff"] < 1e-5 for r in doc["results"])
+    assert jax.config.jax_default_matmul_precision == before
+
+
 def test_unknown_config_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown config"):
         main(["bench", "--configs", "nope", "--out", str(tmp_path)])
@@ -87,3 +102,35 @@ def test_peer_weight_mappings_reproduce_jax_rnn(peer, cell):
         if not r.jit:  # the jitted peers' fwd_bwd is jax.value_and_grad of the same forward
             loss, _ = r.fwd_bwd()
             np.testing.assert_allclose(bp.to_numpy(loss), got.sum(dtype=np.float64), rtol=1e-4)
+
+
+def test_parallel_benchmark_script_agrees_with_sequential(tmp_path, monkeypatch):
+    """benchmarks/parallel.py on a tiny grid: every method's states (and, at --grad-h,
+    gradients) agree with the sequential unroll; the report names the crossover."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "parallel.py"
+    spec = importlib.util.spec_from_file_location("parallel_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["parallel.py", "--out", str(tmp_path), "--ts", "1", "40",
+                                      "--hs", "3", "--grad-h", "3", "--repeats", "1",
+                                      "--dtype", "float64"])
+    module.main()
+    doc = json.loads((tmp_path / "parallel.json").read_text())
+    records = doc["records"]
+    timed = [r for r in records if "seconds" in r]
+    methods = {r["method"] for r in timed}
+    assert {"sequential", "deer", "quasi_deer"} <= methods
+    assert {(r["T"], r["mode"]) for r in timed} == {(t, m) for t in (1, 40)
+                                                    for m in ("forward", "fwd_bwd")}
+    for r in timed:
+        if r["method"] in ("deer", "quasi_deer"):
+            assert not r["fell_back"] and r["iterations"] >= 1, r
+            assert r["max_abs_diff_vs_sequential"] < 1e-9, r
+        if r["method"] == "torch" and r["mode"] == "forward":
+            assert r["max_abs_diff_vs_sequential"] < 1e-9, r
+    md = (tmp_path / "parallel.md").read_text()
+    assert "| 3 | 40 |" in md and "H = 3: DEER" in md

@@ -62,6 +62,44 @@ def test_fused_equals_scan_values_and_gradients(cell_index, t, batch, readout, o
         np.testing.assert_allclose(a, b, **tol[dtype])
 
 
+BACKWARD_CELLS = {  # each of the hand-written backward passes
+    "elman": jax_rnn.elman,  # tanh', from the saved state
+    "elman_relu": jax_rnn.elman_relu,  # relu', from the saved state
+    "elman_sigmoid": jax_rnn.make_elman(jax.nn.sigmoid),  # sigmoid', from the saved state
+    "elman_user": jax_rnn.make_elman(lambda a: jnp.sin(a) + 0.1 * a),  # vjp per step
+    "elman_softmax": jax_rnn.make_elman(jax.nn.softmax),  # not elementwise: vjp per step
+    "gru": jax_rnn.gru,
+    "lstm": jax_rnn.lstm,
+}
+
+
+@pytest.mark.parametrize(("case", "per_step"), [
+    ("lengths_resets_truncate_reverse", True), ("resets_truncate_2d", True),
+    ("resets_truncate_2d", False),
+])
+@pytest.mark.parametrize("name", list(BACKWARD_CELLS))
+def test_every_backward_path_equals_scan(name, case, per_step, monkeypatch):
+    """Each cell's backward pass, with masks, resets, truncation and reverse together (the
+    states kept per step, or rebuilt from the outputs when no step is masked), and the
+    forward pass with the input projection per step (CPUs) or hoisted (accelerators)."""
+    monkeypatch.setattr(jax_rnn._fused, "_project_per_step", lambda: per_step)
+    cell = BACKWARD_CELLS[name]
+    batch = (2,) if case.startswith("lengths") else (2, 3)
+    t = 7 if per_step else 6  # another length: unroll's jit cache holds the other trace
+    params = cell.init(jax.random.key(3), 3, 4, 2, dtype=np.float64)
+    rng = np.random.default_rng(3)
+    xs = rng.normal(size=(t, *batch, 3))
+    state0 = jax.tree.map(lambda a: a + 0.2, cell.initial_state(params, batch))
+    kw = {"resets": rng.random((t, *batch)) < 0.3, "truncate": 3, "reverse": True}
+    if case.startswith("lengths"):
+        kw["seq_lengths"] = np.array([t - 2, 0])
+    grad = jax.value_and_grad(_loss, argnums=(1, 2, 3))
+    fused = grad(cell, params, xs, state0, "fused", **kw)
+    scan = grad(cell, params, xs, state0, "scan", **kw)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_fused_is_used_and_hoists_the_input_projection():
     """The fused path runs one (T*B, I) x (I, H) product outside the loop."""
     params = jax_rnn.elman.init(jax.random.key(0), 3, 4, 1, dtype=np.float64)

@@ -3,6 +3,8 @@ option, stacks and bidirectional layers; values and all gradients."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -77,9 +79,36 @@ def test_expansive_weights_fall_back_or_raise_never_wrong():
                                  return_info=True)
     np.testing.assert_allclose(ys.state, ys_seq.state, rtol=1e-6, atol=1e-6)
     assert bool(info.fell_back) and not bool(info.converged)
-    with pytest.raises(ValueError, match=r"did not converge|not converge"):
+    with pytest.raises(ValueError, match=r"`jax_rnn.unroll`: method='deer' did not converge"):
         jax_rnn.unroll(jax_rnn.elman, params, xs, method="deer", max_iter=2,
                        on_failure="raise")
+
+
+def test_raise_under_jit_fails_or_returns_nan_never_a_wrong_sequence():
+    """Under the caller's jit, on_failure="raise" raises from a callback where JAX
+    propagates callback errors (CPU, JAX 0.10) and otherwise returns NaN states (seen on
+    an H200 with JAX 0.11, where the callback's error was only logged)."""
+    params = jax_rnn.elman.init(jax.random.key(1), 1, 4, 1, dtype=np.float32)
+    params = params._replace(w_cell_state=params.w_cell_state * 40.0)
+    xs = np.random.default_rng(1).normal(size=(60, 1)).astype(np.float32)
+
+    @functools.partial(jax.jit, static_argnames="max_iter")
+    def run(p, x, max_iter=2):
+        _, ys = jax_rnn.unroll(jax_rnn.elman, p, x, method="deer", max_iter=max_iter,
+                               on_failure="raise")
+        return ys
+
+    try:
+        ys = jax.block_until_ready(run(params, xs))
+    except (ValueError, jax.errors.JaxRuntimeError) as err:
+        assert "did not converge" in str(err)
+    else:
+        assert np.isnan(ys.state).all() and np.isnan(ys.output).all()
+    # A solve that converges is untouched by the check.
+    good = jax_rnn.elman.init(jax.random.key(1), 1, 4, 1, dtype=np.float32)
+    _, ref = jax_rnn.unroll(jax_rnn.elman, good, xs)
+    np.testing.assert_allclose(run(good, xs, max_iter=None).state, ref.state, rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_guess_warm_start_and_errors():

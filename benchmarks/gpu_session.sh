@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine: the figures in docs/performance.md and
+# docs/parallel.md that say "GPU" come from this script.
+#
+#   OUT=dir bash benchmarks/gpu_session.sh [TOTAL_SECONDS]
+#
+# Runs from the repository root with the machine's own python3 (JAX with CUDA, PyTorch,
+# Flax and Equinox installed; jax_rnn from this checkout through PYTHONPATH, nothing is
+# installed). Four phases, each cut off so that the whole run ends within TOTAL_SECONDS
+# (default 460), most important first:
+#   1. benchmarks/parallel.py: sequential vs DEER vs quasi-DEER vs cuDNN nn.RNN over
+#      T in 10^2..10^5 and H in 4..256 (forward; forward+backward at H=16);
+#   2. jax-rnn bench on the issue's sizes against scan, Flax, Equinox and cuDNN;
+#   3. the correctness tests of the fast and parallel paths, run on the GPU;
+#   4. benchmarks/unroll_factor.py: scan's unroll factor on this backend.
+# Every phase runs with full float32 matrix products (JAX "highest", PyTorch TF32 off),
+# so that the comparisons are like for like and the tests' float32 tolerances hold.
+set -u
+TOTAL=${1:-460}
+OUT=${OUT:-gpu-out}
+PY=${PY:-python3}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export XLA_PYTHON_CLIENT_PREALLOCATE=false  # several test workers share the GPU
+LOG="$OUT/run.log"
+
+left() { echo $((TOTAL - SECONDS)); }
+phase() {  # phase NAME CAP_SECONDS LOGFILE command...: runs it, cut off, output to LOGFILE
+    local name=$1 cap=$2 log=$3 budget
+    shift 3
+    budget=$(left)
+    ((budget > cap)) && budget=$cap
+    if ((budget < 20)); then
+        echo "== $name: skipped, ${budget}s left" | tee -a "$LOG"
+        return
+    fi
+    echo "== $name (at most ${budget}s, from ${SECONDS}s)" | tee -a "$LOG"
+    timeout "$budget" "$@" 2>&1 | tee -a "$log"
+    echo "== $name: exit ${PIPESTATUS[0]} at ${SECONDS}s" | tee -a "$LOG"
+}
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    "$PY" -c "
+import importlib.metadata, jax, torch, jax_rnn
+print('python', __import__('sys').version.split()[0], 'jax', jax.__version__,
+      'torch', torch.__version__, 'jax_rnn', jax_rnn.__version__)
+print('jax devices', jax.devices(), 'torch cuda', torch.cuda.is_available())
+for m in ('flax', 'equinox', 'dm-haiku', 'rich', 'matplotlib', 'optax'):
+    try:
+        print(m, importlib.metadata.version(m))
+    except Exception as err:
+        print(m, 'missing:', type(err).__name__)
+"
+} 2>&1 | tee -a "$LOG"
+
+# shellcheck disable=SC2086  # the *_ARGS are word lists
+phase parallel 150 "$LOG" "$PY" benchmarks/parallel.py --out "$OUT" --precision highest \
+    ${PARALLEL_ARGS:---hs 16 64 4 256 --grad-h 16 --repeats 5}
+# shellcheck disable=SC2086
+phase bench 170 "$LOG" "$PY" -m jax_rnn bench --precision highest --out "$OUT" \
+    ${BENCH_ARGS:---configs t1000_b32 t1000_b1 t200_b64 t10000_b8 --cells elman gru lstm \
+    --peers scan flax equinox torch --repeats 5 --budget 0.5}
+export JAX_DEFAULT_MATMUL_PRECISION=highest
+# shellcheck disable=SC2086
+phase tests 90 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -v ${TEST_ARGS:--n 8} \
+    tests/test_fused.py tests/test_parallel.py tests/test_unroll_parallel.py \
+    tests/test_gated_cells.py tests/test_core.py >/dev/null
+# shellcheck disable=SC2086
+phase unroll_factor 50 "$LOG" "$PY" benchmarks/unroll_factor.py ${UNROLL_ARGS:---repeats 5}
+grep -E "FAILED|ERROR" "$OUT/tests.log" | head -20 | tee -a "$LOG"
+tail -n 1 "$OUT/tests.log" | tee -a "$LOG"
+echo "total ${SECONDS}s" | tee -a "$LOG"
