@@ -62,7 +62,7 @@ class Tape(NamedTuple):
         gates: the cell's activations, the third result of its ``pointwise``.
     """
 
-    h_in: Array
+    h_in: Array | None
     pre: Array
     state: Array
     gates: Any
@@ -452,10 +452,11 @@ def fused_unroll(
     """``(final, StepOutput)`` of a built-in cell over ``xs``, by the fused path."""
     from ._types import StepOutput
 
-    final, pre, state = fused_recurrence(
+    result: Any = fused_recurrence(
         fc, reverse, unroll, params.w_cell_input, fc.input_bias(params), params.w_cell_state,
         fc.recurrent_bias(params), xs, carry0, valid, resets, cut,
     )
+    final, pre, state = result
     output = readout(params, state)
     if valid is not None and params.b_output is not None:  # padded steps output zeros
         output = jnp.where(_bcast(valid, output), output, jnp.zeros((), output.dtype))

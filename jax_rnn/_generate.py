@@ -105,7 +105,7 @@ def generate(
     _check_model(where, cell, params, struct, state0, batch, dtypes, "first_input")
     dtype = _checks.float_dtype(*dtypes, x_dtype) if dtypes else None
     fb = _identity_feedback if feedback is None else feedback
-    first_input = _checks.as_array(first_input)
+    first = _checks.as_array(first_input)
     state0 = None if state0 is None else jax.tree.map(_checks.as_array, state0)
-    return _generate_jit(cell, params, state0, first_input, key, steps=int(steps), feedback=fb,
+    return _generate_jit(cell, params, state0, first, key, steps=int(steps), feedback=fb,
                          dtype=dtype, batch=batch)

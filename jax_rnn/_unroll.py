@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+from jax.core import Tracer
 
 from . import _checks
 from ._compose import (
@@ -159,7 +161,8 @@ def prepare(
             raise ValueError(f"`{where}`: time_major=False needs `xs` to be one array.")
         batch = tuple(np.shape(leaves[0])[1:-1])
         _check_model(where, cell, params, None, state0, batch, [])
-        return Prepared(xs, state0, None, batch, int(lengths.pop()))
+        (length,) = lengths
+        return Prepared(xs, state0, None, batch, int(length or 0))
     x, length = _time_major_struct(where, xs, time_major)
     batch = tuple(x.shape[1:-1])
     dtypes: list = []
@@ -194,7 +197,7 @@ def _check_seq_lengths(where: str, seq_lengths: Any, batch: tuple, length: int) 
     seq_lengths = _checks.as_array(seq_lengths)
     # Range check on concrete values only; an array spread over several hosts cannot be
     # read here (it is checked on the host that built it, or not at all under jit).
-    concrete = not isinstance(seq_lengths, jax.core.Tracer)
+    concrete = not isinstance(seq_lengths, Tracer)
     if concrete and getattr(seq_lengths, "is_fully_addressable", True):
         values = np.asarray(seq_lengths)
         if values.size and (values.min() < 0 or values.max() > length):
@@ -271,7 +274,7 @@ def check_finite_inputs(where: str, **trees: Any) -> None:
     """Raises ValueError if a concrete input holds NaN or Inf (a checkify check if traced)."""
     for name, tree in trees.items():
         for leaf in jax.tree.leaves(tree):
-            if isinstance(leaf, jax.core.Tracer):
+            if isinstance(leaf, Tracer):
                 from jax.experimental import checkify
 
                 checkify.check(
@@ -498,11 +501,11 @@ def _run_parallel(
         new, y = cell.step(cell_params, c_in, x)
         return _where(valid_t, new, c_in), _zero_invalid(valid_t, y)
 
-    diagonal = None
+    diagonal: Callable[[Any, Any, Any], Any] | None = None
     cell_diagonal = jacobian_diagonal_of(getattr(cell, "step", None))
     if opts.method == "quasi_deer" and cell_diagonal is not None:
 
-        def diagonal(p: Any, carry: Any, inp: Any) -> Any:
+        def masked_diagonal(p: Any, carry: Any, inp: Any) -> Any:
             cell_params, c0 = p
             x, valid_t, reset_t, cut_t = inp
             d = cell_diagonal(cell_params, prepared(c0, carry, reset_t, None), x)
@@ -512,6 +515,8 @@ def _run_parallel(
             if valid_t is not None:  # masked steps copy the carry: identity
                 d = _where(valid_t, d, jax.tree.map(jnp.ones_like, d))
             return d
+
+        diagonal = masked_diagonal
 
     final, ys, info = parallel_solve(
         step, (params, carry0), carry0, inputs, method=opts.method, tol=opts.tol,
@@ -822,7 +827,7 @@ def checked_call(
 
 
 def _any_tracer(tree: Any) -> bool:
-    return any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(tree))
+    return any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))
 
 
 def _call(where: str, jitted: Any, cell: Any, params: Any, prep: Any, seq_lengths: Any,

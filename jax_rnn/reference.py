@@ -306,15 +306,16 @@ def numpy_output_jacobian(
         a dict field name -> array shaped ``(T, *batch, O, *field_shape)``; fields that are
         ``None`` in ``params`` map to ``None``.
     """
-    if activation_grad is None:
+    def tanh_grad(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
+        return 1.0 - post**2
 
-        def activation_grad(pre: np.ndarray, post: np.ndarray) -> np.ndarray:
-            return 1.0 - post**2
+    grad_of = tanh_grad if activation_grad is None else activation_grad
 
     dtype = _dtype_of(params, xs, state0)
     p = _elman_arrays(params, dtype)
     xs = np.asarray(xs, dtype)
     _, ys = numpy_unroll(params, xs, state0, activation=activation)
+    pre_acts, states = np.asarray(ys.pre_activation), np.asarray(ys.state)
     steps, batch = xs.shape[0], xs.shape[1:-1]
     hidden, inputs = p["w_cell_state"].shape[0], xs.shape[-1]
     h0 = np.zeros((*batch, hidden), dtype) if state0 is None else np.asarray(state0, dtype)
@@ -325,7 +326,7 @@ def numpy_output_jacobian(
     dy_dh = p["w_output"].T if has_readout else np.eye(hidden, dtype=dtype)
 
     lead = (steps, *batch, out_size)
-    jac: dict[str, np.ndarray | None] = {
+    jac: dict[str, Any] = {
         "w_cell_state": np.zeros((*lead, hidden, hidden), dtype),
         "w_cell_input": np.zeros((*lead, inputs, hidden), dtype),
         "b_cell": np.zeros((*lead, hidden), dtype),
@@ -335,15 +336,15 @@ def numpy_output_jacobian(
     for t in range(steps):
         g = np.broadcast_to(dy_dh, (*batch, out_size, hidden)).copy()
         for s in range(t, -1, -1):
-            d_pre = g * activation_grad(ys.pre_activation[s], ys.state[s])[..., None, :]
-            h_prev = h0 if s == 0 else ys.state[s - 1]
+            d_pre = g * grad_of(pre_acts[s], states[s])[..., None, :]
+            h_prev = h0 if s == 0 else states[s - 1]
             jac["w_cell_state"][t] += h_prev[..., None, :, None] * d_pre[..., :, None, :]
             jac["w_cell_input"][t] += xs[s][..., None, :, None] * d_pre[..., :, None, :]
             jac["b_cell"][t] += d_pre
             g = np.matmul(d_pre, p["w_cell_state"].T)
         if has_readout:
             eye = np.eye(out_size, dtype=dtype)  # d y_k / d W_o[i, j] = h_i * delta_jk
-            jac["w_output"][t] = ys.state[t][..., None, :, None] * eye[:, None, :]
+            jac["w_output"][t] = states[t][..., None, :, None] * eye[:, None, :]
         jac["b_output"][t] = np.eye(out_size, dtype=dtype)
     jac["b_cell_state"] = jac["b_cell"].copy() if p["b_cell_state"] is not None else None
     for name in ("b_cell", "b_output"):
