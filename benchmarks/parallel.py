@@ -25,6 +25,7 @@ are larger on an accelerator than on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -40,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_rnn
+from jax_rnn import _bench_peers as bp
 
 FULL_T = (100, 1_000, 10_000, 100_000)
 FULL_H = (4, 16, 64, 256)
@@ -91,48 +93,12 @@ def _solver(method: str, grad: bool) -> Any:
     return jax.jit(jax.grad(loss, has_aux=True))
 
 
-def _torch_module(params: Any, dtype: Any) -> Any:
-    """``nn.RNN(tanh)`` holding ``params``, on CUDA when JAX runs on a GPU and torch sees
-    one, else on the CPU; ``None`` without torch."""
+def _torch_version() -> str | None:
     try:
         import torch
     except ImportError:
         return None
-    gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
-    h, i = params.w_cell_state.shape[0], params.w_cell_input.shape[0]
-    tdtype = {"float32": torch.float32, "float64": torch.float64}[jnp.dtype(dtype).name]
-    module = torch.nn.RNN(i, h, nonlinearity="tanh").to(device="cuda" if gpu else "cpu",
-                                                         dtype=tdtype)
-    b_hh = params.b_cell_state if params.b_cell_state is not None else jnp.zeros_like(
-        params.b_cell)
-    weights = {"weight_ih_l0": params.w_cell_input.T, "weight_hh_l0": params.w_cell_state.T,
-               "bias_ih_l0": params.b_cell, "bias_hh_l0": b_hh}
-    module.load_state_dict({k: torch.tensor(np.array(v), dtype=tdtype)
-                            for k, v in weights.items()})
-    return module
-
-
-def _torch_call(module: Any, xs: Any, grad: bool) -> Any:
-    import torch
-
-    device = next(module.parameters()).device
-    dtype = next(module.parameters()).dtype
-    x = torch.tensor(np.asarray(xs), dtype=dtype, device=device)[:, None, :]  # (T, 1, I)
-    wait = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-    def forward() -> Any:
-        with torch.inference_mode():
-            out = module(x)[0]
-        wait()
-        return out[:, 0, :]
-
-    def fwd_bwd() -> Any:
-        module.zero_grad(set_to_none=True)
-        module(x)[0].sum().backward()
-        wait()
-        return module.weight_hh_l0.grad
-
-    return fwd_bwd if grad else forward
+    return torch.__version__
 
 
 def _skip_reason(method: str, t: int, h: int) -> str | None:
@@ -143,14 +109,15 @@ def _skip_reason(method: str, t: int, h: int) -> str | None:
 
 
 def _measure(method: str, params: Any, xs: Any, repeats: int, grad: bool,
-             reference: Any, torch_module: Any) -> dict[str, Any]:
-    if method == "torch":
-        call = _torch_call(torch_module, xs, grad)
+             reference: Any) -> dict[str, Any]:
+    if method == "torch":  # jax-rnn bench's own nn.RNN(tanh) runner, on a batch of one
+        runner = bp.torch_runners("elman", jax.tree.map(np.asarray, params),
+                                  np.asarray(xs)[:, None, :])[0]
+        call = runner.fwd_bwd if grad else runner.forward
         seconds = _median_time(call, repeats)
-        out = call()
-        record: dict[str, Any] = dict(seconds=seconds, device=str(out.device))
+        record: dict[str, Any] = dict(seconds=seconds, device=bp.torch_device())
         if not grad and reference is not None:
-            diff = np.abs(out.detach().cpu().numpy() - np.asarray(reference)).max()
+            diff = np.abs(bp.to_numpy(call())[:, 0] - np.asarray(reference)).max()
             record["max_abs_diff_vs_sequential"] = float(diff)
         return record
     fn = _solver(method, grad)
@@ -174,10 +141,10 @@ def _measure(method: str, params: Any, xs: Any, repeats: int, grad: bool,
 
 
 def _run_one(t: int, h: int, params: Any, xs: Any, repeats: int, grad: bool,
-             torch_module: Any) -> list[dict]:
+             torch: bool) -> list[dict]:
     records: list[dict] = []
     reference = None
-    methods = METHODS + (("torch",) if torch_module is not None else ())
+    methods = METHODS + (("torch",) if torch else ())
     for method in methods:
         record: dict[str, Any] = dict(T=t, H=h, method=method,
                                       mode="fwd_bwd" if grad else "forward")
@@ -189,8 +156,7 @@ def _run_one(t: int, h: int, params: Any, xs: Any, repeats: int, grad: bool,
             print(f"{tag} skipped: {reason}", flush=True)
             continue
         try:
-            record.update(_measure(method, params, xs, repeats, grad, reference,
-                                   torch_module))
+            record.update(_measure(method, params, xs, repeats, grad, reference))
         except Exception as err:  # noqa: BLE001 - e.g. out of memory: report, go on
             record["skipped"] = f"{type(err).__name__}: {str(err)[:200]}"
             records.append(record)
@@ -218,14 +184,14 @@ def run_grid(ts: tuple, hs: tuple, repeats: int, dtype: Any, grad_hs: tuple = ()
     keeps what it measured.
     """
     records: list[dict] = []
+    torch = _torch_version() is not None
     for h in hs:
         params = jax_rnn.elman.init(jax.random.key(h), INPUT_SIZE, h, None, dtype=dtype)
-        torch_module = _torch_module(params, dtype)
         for t in ts:
             xs = jax.random.normal(jax.random.key(t), (t, INPUT_SIZE), dtype)
-            records += _run_one(t, h, params, xs, repeats, False, torch_module)
+            records += _run_one(t, h, params, xs, repeats, False, torch)
             if h in grad_hs:
-                records += _run_one(t, h, params, xs, repeats, True, torch_module)
+                records += _run_one(t, h, params, xs, repeats, True, torch)
         if save is not None:
             save(records)
     return records
@@ -347,25 +313,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.dtype == "float64":
         jax.config.update("jax_enable_x64", True)
-    if args.precision == "highest":
-        jax.config.update("jax_default_matmul_precision", "highest")
-        try:
-            import torch
-
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        except ImportError:
-            pass
     dtype = jnp.dtype(args.dtype)
     ts, hs = (QUICK_T, QUICK_H) if args.quick else (FULL_T, FULL_H)
     ts, hs = tuple(args.ts or ts), tuple(args.hs or hs)
     device = jax.devices()[0]
-    try:
-        import torch
-
-        torch_version = torch.__version__
-    except ImportError:
-        torch_version = "not installed"
     meta = dict(
         date=datetime.date.today().isoformat(),
         backend=jax.default_backend(),
@@ -374,7 +325,7 @@ def main() -> None:
         cpu_count=os.cpu_count(),
         load_average=" ".join(f"{x:.1f}" for x in os.getloadavg()),
         jax=jax.__version__,
-        torch=torch_version,
+        torch=_torch_version() or "not installed",
         dtype=args.dtype,
         precision=args.precision,
         repeats=args.repeats,
@@ -398,7 +349,9 @@ def main() -> None:
         (args.out / "parallel.md").write_text(table)
         return table
 
-    records = run_grid(ts, hs, args.repeats, dtype, tuple(args.grad_h), save)
+    full = args.precision == "highest"  # full float32 in JAX, TF32 off in PyTorch
+    with bp.full_float32(torch_too=True) if full else contextlib.nullcontext():
+        records = run_grid(ts, hs, args.repeats, dtype, tuple(args.grad_h), save)
     print()
     print(save(records))
 

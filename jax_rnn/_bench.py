@@ -13,7 +13,6 @@ Peers that cannot be imported are skipped, and the run says why.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import os
@@ -21,7 +20,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -249,15 +248,13 @@ def _versions() -> dict[str, str | None]:
 
 def _torch_cuda_name() -> str | None:
     """The GPU PyTorch would use when JAX runs on a GPU too, else ``None``."""
-    import jax
+    from . import _bench_peers as bp
 
-    if jax.default_backend() != "gpu":
-        return None
     try:
         import torch
     except ImportError:
         return None
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return torch.cuda.get_device_name() if bp.torch_device() == "cuda" else None
 
 
 def _machine() -> dict:
@@ -731,27 +728,6 @@ def _command(args: argparse.Namespace) -> str:
     return " ".join(parts)
 
 
-@contextlib.contextmanager
-def _full_float32(peers: list[str]) -> Iterator[None]:
-    """JAX's ``"highest"`` matmul precision and PyTorch's TF32 off, restored on exit."""
-    import jax
-
-    torch = None
-    if "torch" in peers:
-        with contextlib.suppress(ImportError):
-            import torch
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-             ) if torch is not None else None
-    try:
-        if torch is not None:
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        with jax.default_matmul_precision("highest"):
-            yield
-    finally:
-        if torch is not None and saved is not None:
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
 def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and writes bench.json, bench.md and bench.png under ``--out``.
 
@@ -759,7 +735,9 @@ def run(args: argparse.Namespace) -> int:
     ``"highest"`` precision, PyTorch's TF32 off) for the run only.
     """
     if getattr(args, "precision", "default") == "highest":
-        with _full_float32(list(args.peers or PEER_NAMES)):
+        from . import _bench_peers as bp
+
+        with bp.full_float32(torch_too="torch" in (args.peers or PEER_NAMES)):
             return _run(args, "highest")
     return _run(args, "default")
 

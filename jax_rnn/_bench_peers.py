@@ -23,9 +23,10 @@ says so in ``Runner.note`` with ``equivalent=False``:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -544,6 +545,37 @@ class _RSSPeak:
         return result, peak[0] - base
 
 
+def torch_device() -> str:
+    """Where PyTorch runs beside JAX: ``"cuda"`` when JAX's default backend is a GPU and
+    PyTorch sees CUDA, else ``"cpu"``. Needs torch."""
+    import jax
+    import torch
+
+    return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def full_float32(torch_too: bool) -> Iterator[None]:
+    """JAX's ``"highest"`` matmul precision and, with ``torch_too`` and torch importable,
+    PyTorch's TF32 off; both restored on exit."""
+    import jax
+
+    torch: Any = None
+    if torch_too:
+        with contextlib.suppress(ImportError):
+            import torch
+    flags = (torch.backends.cuda.matmul, torch.backends.cudnn) if torch is not None else ()
+    saved = [f.allow_tf32 for f in flags]
+    try:
+        for f in flags:
+            f.allow_tf32 = False
+        with jax.default_matmul_precision("highest"):
+            yield
+    finally:
+        for f, value in zip(flags, saved, strict=True):
+            f.allow_tf32 = value
+
+
 def torch_runners(cell_name: str, params: Any, xs: np.ndarray) -> list[Runner]:
     """PyTorch ``nn.RNN`` (tanh or relu), ``nn.GRU`` or ``nn.LSTM``, eager.
 
@@ -554,10 +586,9 @@ def torch_runners(cell_name: str, params: Any, xs: np.ndarray) -> list[Runner]:
     runs under ``torch.inference_mode()`` (no autograd bookkeeping, as a jitted JAX
     forward has none); the forward+backward pass clears ``.grad`` first.
     """
-    import jax
     import torch
 
-    cuda = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    cuda = torch_device() == "cuda"
     device = torch.device("cuda" if cuda else "cpu")
 
     hidden, inputs = params.w_cell_state.shape[0], params.w_cell_input.shape[0]

@@ -14,9 +14,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 # Shape/dtype of a value as seen before tracing: jax arrays and tracers carry both.
 _ArrayLike = Any
+
+
+def is_traced(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is a tracer (under jit, grad, vmap, ...)."""
+    return any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))
 
 
 def shape_dtype(where: str, name: str, value: _ArrayLike) -> tuple[tuple[int, ...], np.dtype]:

@@ -325,7 +325,7 @@ def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Arra
         if not residuals:
             return new, Tape(None, pre, state, None)
         # Each step's input state is the previous step's output, except after masked steps.
-        return new, Tape(None if valid is None else fc.hidden(c_in), pre, state, gates)
+        return new, Tape(None if valid is None else h, pre, state, gates)
 
     final, tape = jax.lax.scan(body, carry0, (gx, valid, resets), reverse=reverse,
                                unroll=unroll)

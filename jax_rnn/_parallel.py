@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jax.core import Tracer
 
+from ._checks import is_traced
 from ._elman import ElmanParams, elman_relu, elman_step
 from ._gru import GRUParams, gru_step
 from ._lstm import LSTMParams, LSTMState, lstm_step
@@ -526,10 +526,6 @@ def _flat_guess(layout: _Layout, guess: Any, length: int) -> Array:
     return jax.lax.stop_gradient(layout.flatten(guess, (length,)))
 
 
-def _is_traced(tree: Any) -> bool:
-    return any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))
-
-
 def raise_if_unconverged(where: str, info: Any, method: str, tol: float | None,
                          max_iter: int | None, length: int, dtype: Any) -> None:
     """Raises ``ValueError`` if any concrete :class:`ParallelInfo` in ``info`` (a pytree,
@@ -537,7 +533,7 @@ def raise_if_unconverged(where: str, info: Any, method: str, tol: float | None,
     infos = [leaf for leaf in jax.tree.leaves(info, is_leaf=lambda x: isinstance(
         x, ParallelInfo)) if isinstance(leaf, ParallelInfo)]
     for one in infos:
-        if _is_traced(one) or bool(np.all(one.converged)):
+        if is_traced(one) or bool(np.all(one.converged)):
             continue
         tol = default_tol(jnp.dtype(dtype)) if tol is None else float(tol)
         max_iter = min(length, DEFAULT_MAX_ITER) if max_iter is None else int(max_iter)
@@ -720,7 +716,7 @@ def parallel_solve(
         diag_ext = diagonal_ext
 
     pb = _Problem(step_ext, diag_ext, layout, method, tol, max_iter, float(damping or 0.0))
-    traced = _is_traced((params, carry0, xs, guess, step_consts, diag_consts))
+    traced = is_traced((params, carry0, xs, guess, step_consts, diag_consts))
     params_ext = (params, list(step_consts), list(diag_consts))
     h0 = layout.flatten(carry0)
     if guess is None:
@@ -730,11 +726,8 @@ def parallel_solve(
     states, info = _solver(pb, on_failure)(params_ext, h0, xs, flat_guess)
 
     if on_failure == "raise":
-        if not traced and not _is_traced(info):
-            if not bool(np.all(info.converged)):
-                raise ValueError(
-                    _failure_message(method, info.iterations, info.residual, tol, max_iter, length)
-                )
+        if not traced and not is_traced(info):
+            raise_if_unconverged(_WHERE, info, method, tol, max_iter, length, layout.dtype)
         else:
             # Traced: the callback raises at run time, but some JAX versions and backends
             # only log a callback's exception, so a failed solve also returns NaN states:

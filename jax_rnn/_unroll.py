@@ -812,8 +812,8 @@ def checked_call(
     # the compiled call (which runs as "ignore"): no callback, whatever the backend does
     # with callback errors.
     check_on_host = (method != "sequential" and on_failure == "raise"
-                     and not _any_tracer((params, prep.xs, prep.state0, seq_lengths, resets,
-                                          dropout_key, guess)))
+                     and not _checks.is_traced((params, prep.xs, prep.state0, seq_lengths,
+                                                 resets, dropout_key, guess)))
     opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate),
                    impl, method, tol, max_iter, damping,
                    "ignore" if check_on_host else on_failure)
@@ -824,10 +824,6 @@ def checked_call(
 
         raise_if_unconverged(where, result[2], method, tol, max_iter, prep.length, prep.dtype)
     return result
-
-
-def _any_tracer(tree: Any) -> bool:
-    return any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))
 
 
 def _call(where: str, jitted: Any, cell: Any, params: Any, prep: Any, seq_lengths: Any,
