@@ -737,7 +737,8 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "precision", "default") == "highest":
         from . import _bench_peers as bp
 
-        with bp.full_float32(torch_too="torch" in (args.peers or PEER_NAMES)):
+        peers = _names(args.peers, PEER_NAMES, "peer") or PEER_NAMES  # 'all', 'a,b' too
+        with bp.full_float32(torch_too="torch" in peers):
             return _run(args, "highest")
     return _run(args, "default")
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 
 import jax
@@ -56,6 +58,25 @@ def test_precision_highest_is_recorded_and_restored(tmp_path):
     assert "matmul precision highest" in (tmp_path / "bench.md").read_text()
     assert all(r["check"]["max_abs_diff"] < 1e-5 for r in doc["results"])
     assert jax.config.jax_default_matmul_precision == before
+
+
+@pytest.mark.parametrize("peers", [["all"], ["scan,torch"]])
+def test_precision_highest_resolves_the_peer_list(monkeypatch, peers):
+    """``--peers all`` and comma lists count torch in, so its TF32 is switched off."""
+    from jax_rnn import _bench
+
+    seen = []
+
+    @contextlib.contextmanager
+    def spy(torch_too):
+        seen.append(torch_too)
+        yield
+
+    monkeypatch.setattr(bp, "full_float32", spy)
+    monkeypatch.setattr(_bench, "_run", lambda args, precision: 0)
+    args = argparse.Namespace(peers=peers, precision="highest")
+    assert _bench.run(args) == 0
+    assert seen == [True]
 
 
 def test_unknown_config_is_an_error(tmp_path):
