@@ -79,6 +79,51 @@ def test_precision_highest_resolves_the_peer_list(monkeypatch, peers):
     assert seen == [True]
 
 
+def _timed(config, cell, impl, fwd_ms, fb_ms, equivalent=True):
+    return {"config": config, "cell": cell, "impl": impl, "equivalent": equivalent,
+            "check": {"agrees": True},
+            "forward": {"median_s": fwd_ms / 1e3}, "fwd_bwd": {"median_s": fb_ms / 1e3}}
+
+
+def test_bars_compare_like_with_like_and_report_the_numpy_loop_beside():
+    """The issue's bars count only like peers (tanh Elman: Flax and PyTorch; never the
+    numpy loop, never a row marked not equivalent); the fastest of all rows is reported
+    beside them. Ratios are checked against hand-computed values."""
+    from jax_rnn import _bench
+
+    config = _bench.CONFIGS["t1000_b32"]
+    results = [
+        _timed("t1000_b32", "elman", "jax_rnn", 25.0, 70.0),
+        _timed("t1000_b32", "elman", "jax_rnn.scan", 24.0, 95.0),
+        _timed("t1000_b32", "elman", "numpy", 24.5, 65.0),
+        _timed("t1000_b32", "elman", "flax", 25.5, 98.0),
+        _timed("t1000_b32", "elman", "torch", 40.0, 105.0),
+        _timed("t1000_b32", "gru", "jax_rnn", 60.0, 200.0),
+        _timed("t1000_b32", "gru", "haiku", 30.0, 100.0, equivalent=False),
+        _timed("t1000_b32", "gru", "equinox", 66.0, 270.0),
+    ]
+    mm = {"flops_per_s": 1e11}
+    summary = _bench._summarize(results, [config], ["elman", "gru"],
+                                {("t1000_b32", "elman"): mm, ("t1000_b32", "gru"): mm})
+    elman, gru = summary
+    assert elman["fwd_bwd"]["fastest_peer"] == "flax"
+    assert elman["fwd_bwd"]["ratio_vs_fastest_peer"] == pytest.approx(98.0 / 70.0)
+    assert elman["fwd_bwd"]["fastest_row"] == "numpy"
+    assert elman["fwd_bwd"]["ratio_vs_fastest_row"] == pytest.approx(65.0 / 70.0)
+    assert elman["fwd_bwd"]["ratio_vs_scan"] == pytest.approx(95.0 / 70.0)
+    assert elman["forward"]["fastest_peer"] == "flax"
+    assert gru["fwd_bwd"]["fastest_peer"] == "equinox"  # Haiku's GRU is not equivalent
+    flops = 6.0 * 1000 * 32 * (64 + 128) * 128 * 3
+    assert gru["fwd_bwd_matmul_fraction"] == pytest.approx(flops / 0.2 / 1e11)
+    bars = {(b["cell"], b["bar"]): b for b in _bench._bars(summary)}
+    fb = bars[("elman", "fwd_bwd_vs_fastest_peer")]
+    assert fb["threshold"] == 1.3 and fb["passes"] is True
+    assert fb["value_vs_fastest_row"] == pytest.approx(65.0 / 70.0)
+    assert bars[("gru", "fwd_bwd_vs_fastest_peer")]["passes"] is True  # 270 / 200
+    assert bars[("elman", "forward_vs_fastest_peer")]["passes"] is True  # 25.5 / 25
+    assert bars[("gru", "forward_vs_fastest_peer")]["passes"] is True  # 66 / 60
+
+
 def test_unknown_config_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown config"):
         main(["bench", "--configs", "nope", "--out", str(tmp_path)])
