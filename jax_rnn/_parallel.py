@@ -79,12 +79,22 @@ def register_jacobian_diagonal(step: Any, diagonal: Callable[[Any, Any, Any], An
     _DIAGONALS[step] = diagonal
 
 
+def _hashable(step: Any) -> bool:
+    try:
+        hash(step)
+    except TypeError:
+        return False
+    return True
+
+
+def jacobian_of(step: Any) -> Callable[[Any, Any, Any], Array] | None:
+    """The written-out full Jacobian of a built-in step (the Elman steps), or ``None``."""
+    return _FULL_JACOBIANS.get(step) if _hashable(step) else None
+
+
 def jacobian_diagonal_of(step: Any) -> Callable[[Any, Any, Any], Any] | None:
     """The diagonal registered for ``step`` (see :func:`register_jacobian_diagonal`)."""
-    try:
-        return _DIAGONALS.get(step)
-    except TypeError:  # an unhashable step
-        return None
+    return _DIAGONALS.get(step) if _hashable(step) else None
 
 
 def _float_input(x: Any, like: Array) -> Array:
@@ -148,6 +158,25 @@ def _lstm_diagonal(params: LSTMParams, carry: Any, x: Any) -> Any:
     dh_dh = o * (1 - o) * w_o * tanh_c + o * (1 - tanh_c**2) * dc_dh
     return LSTMState(dh_dh, f) if isinstance(carry, LSTMState) else (dh_dh, f)
 
+
+def _elman_tanh_jacobian(params: ElmanParams, h: Array, x: Any) -> Array:
+    # h'_i = tanh(pre_i), pre_i = sum_j h_j W_ji + ...: dh'_i/dh_j = (1 - h'_i^2) W_ji
+    new = jnp.tanh(_elman_pre(params, h, x))
+    return (1 - new**2)[..., :, None] * params.w_cell_state.T
+
+
+def _elman_relu_jacobian(params: ElmanParams, h: Array, x: Any) -> Array:
+    pre = _elman_pre(params, h, x)
+    return jnp.where(pre > 0, 1, 0).astype(pre.dtype)[..., :, None] * params.w_cell_state.T
+
+
+# Full Jacobians written out for the Elman steps: ``(*batch, H, H)`` from one product,
+# where the generic path pushes H basis vectors through the step's linearisation and
+# transposes the result (more memory traffic per Newton iteration).
+_FULL_JACOBIANS: dict[Any, Callable[[Any, Any, Any], Array]] = {
+    elman_step: _elman_tanh_jacobian,
+    elman_relu.step: _elman_relu_jacobian,
+}
 
 register_jacobian_diagonal(elman_step, _elman_tanh_diagonal)
 register_jacobian_diagonal(elman_relu.step, _elman_relu_diagonal)
@@ -241,6 +270,7 @@ class _Problem(NamedTuple):
     tol: float
     max_iter: int
     damping: float
+    jacobian: Callable[[Any, Any, Any], Array] | None = None
 
 
 def _f(pb: _Problem, params: Any, h: Array, x: Any) -> Array:
@@ -265,6 +295,13 @@ def _jacobians(pb: _Problem, params: Any, prev: Array, xs: Any) -> Array:
     that the step treats examples independently (every built-in cell does).
     """
     d = prev.shape[-1]
+    if pb.jacobian is not None:  # written out (the Elman steps, or the caller's)
+        jac, layout = pb.jacobian, pb.layout
+
+        def one(h: Array, x: Any) -> Array:
+            return jac(params, layout.unflatten(h), x).reshape(h.shape[0], d, d)
+
+        return jax.vmap(one)(prev, xs).astype(prev.dtype)
     _, linear = jax.linearize(lambda h: _f_time(pb, params, h, xs), prev)
     basis = jnp.broadcast_to(jnp.eye(d, dtype=prev.dtype)[:, None, None, :], (d, *prev.shape))
     return jnp.moveaxis(jax.vmap(linear)(basis), 0, -1)
@@ -380,28 +417,31 @@ def _adjoint(
 ) -> Array:
     """``lam_t = g_t + J_{t+1}^T lam_{t+1}`` (``lam_T = g_T``), falling back to a scan.
 
-    ``vjp`` is the VJP of every step at once, at ``(params, prev, xs)``.
+    ``vjp`` is the VJP of every step at once, at ``(params, prev, xs)``. Either method's
+    answer must satisfy that equation to ``tol`` with ``J^T`` applied by the exact
+    ``vjp``, or the sequential scan of VJPs replaces it: a Jacobian that is not exact (a
+    caller's ``jacobian``) costs that fallback, never a wrong gradient.
     """
 
     def apply_next(lam: Array) -> Array:  # t -> J_{t+1}^T lam_{t+1}, zero at T
         prev_bar = vjp(lam)[1]
         return jnp.concatenate([prev_bar[1:], jnp.zeros_like(prev_bar[:1])])
 
-    if pb.method == "deer":  # one exact linear solve with the full Jacobians
+    def residual(lam: Array) -> tuple[Array, Array]:
+        rho = g + apply_next(lam) - lam
+        norm = jnp.max(jnp.abs(rho)) / jnp.maximum(1, jnp.max(jnp.abs(lam)))
+        return rho, jnp.where(jnp.isfinite(norm), norm, jnp.inf).astype(rho.dtype)
+
+    if pb.method == "deer":  # one linear solve with the transposed full Jacobians
         jac = _jacobians(pb, params, prev, xs)
         a = jnp.concatenate([jnp.swapaxes(jac[1:], -1, -2), jnp.zeros_like(jac[:1])])
         lam = _linear_solve(a, g, reverse=True)
-        ok = jnp.isfinite(lam).all()
+        ok = residual(lam)[1] <= pb.tol
     else:  # quasi-Newton on the linear adjoint system, preconditioned by the diagonals
         diag = _diagonals(pb, params, prev, xs)
         c = jnp.concatenate([diag[1:], jnp.zeros_like(diag[:1])])
         if pb.damping:
             c = c * jnp.asarray(1.0 / (1.0 + pb.damping), c.dtype)
-
-        def residual(lam: Array) -> tuple[Array, Array]:
-            rho = g + apply_next(lam) - lam
-            norm = jnp.max(jnp.abs(rho)) / jnp.maximum(1, jnp.max(jnp.abs(lam)))
-            return rho, jnp.where(jnp.isfinite(norm), norm, jnp.inf).astype(rho.dtype)
 
         def cond(state: tuple) -> Array:
             k, _, _, norm = state
@@ -559,6 +599,16 @@ def _failure_message(
     )
 
 
+def _with_consts(fn: Callable[..., Any], index: int) -> Callable[[Any, Any, Any], Any]:
+    """``fn(params, carry, x, *consts)`` as ``f(params_ext, carry, x)``, its closed-over
+    arrays taken from ``params_ext[index]`` (see :func:`jax.closure_convert`)."""
+
+    def ext(p: Any, carry: Any, x: Any) -> Any:
+        return fn(p[0], carry, x, *p[index])
+
+    return ext
+
+
 def parallel_solve(
     step: Callable[[Any, Any, Any], tuple[Any, Any]],
     params: Any,
@@ -573,6 +623,7 @@ def parallel_solve(
     on_failure: str = "fallback",
     jacobian_diagonal: Callable[[Any, Any, Any], Any] | None = None,
     batch_ndim: int | None = None,
+    jacobian: Callable[[Any, Any, Any], Array] | None = None,
 ) -> tuple[Any, Any, ParallelInfo]:
     r"""Runs ``step`` over the time axis of ``xs`` by Newton's method over the sequence.
 
@@ -598,9 +649,11 @@ def parallel_solve(
     solves the adjoint recurrence
     :math:`\lambda_t = \bar h_t + J_{t+1}^\top \lambda_{t+1}` backwards in time, with the
     full Jacobians in one associative scan (``deer``) or by the same diagonal
-    quasi-Newton iteration (``quasi_deer``), falling back to a sequential scan of VJPs if
-    that fails; then one VJP of ``step`` vectorised over time gives the gradients with
-    respect to ``params``, ``xs`` and ``carry0``. Reverse mode only (no ``jax.jvp``).
+    quasi-Newton iteration (``quasi_deer``), and checks the residual of that equation with
+    the step's exact VJP, falling back to a sequential scan of VJPs if it exceeds ``tol``;
+    then one VJP of ``step`` vectorised over time gives the
+    gradients with respect to ``params``, ``xs`` and ``carry0``. Reverse mode only (no
+    ``jax.jvp``).
 
     Args:
         step: ``step(params, carry, x) -> (carry, y)``, pure and differentiable, with
@@ -640,6 +693,15 @@ def parallel_solve(
             \partial\,\mathrm{carry}_i`. ``None`` looks ``step`` up in the registry
             (:func:`register_jacobian_diagonal`: Elman, GRU and LSTM steps), and
             otherwise forms the full Jacobian and takes its diagonal.
+        jacobian: ``jacobian(params, carry, x) -> (*batch, D, D)``, the per-example
+            Jacobian :math:`\partial\,\mathrm{carry}'_i / \partial\,\mathrm{carry}_j`
+            of the carry flattened per example (leaves in pytree order), used by both
+            methods. ``None`` means the written-out Jacobians of the Elman steps (tanh and
+            ReLU) for ``deer``, and otherwise ``D`` basis vectors pushed through
+            :func:`jax.linearize` of ``step`` (more memory traffic per iteration). An
+            inexact one slows Newton's convergence and sends the gradient to the
+            sequential fallback, but does not change the results: residuals are always
+            computed with ``step`` itself.
         batch_ndim: how many leading axes of the carry index independent examples;
             ``None`` means all but the last axis of the first carry leaf. Jacobians are
             per example, ``(B, D, D)`` with ``D`` the carry's size per example, so
@@ -693,31 +755,25 @@ def parallel_solve(
     _check_structure(step, params, carry0, x0)
     tol = default_tol(layout.dtype) if tol is None else float(tol)
     max_iter = min(length, DEFAULT_MAX_ITER) if max_iter is None else int(max_iter)
-    if jacobian_diagonal is None and method == "quasi_deer":
+    if method != "quasi_deer":
+        jacobian_diagonal = None
+    elif jacobian_diagonal is None:
         jacobian_diagonal = jacobian_diagonal_of(step)
-
-    # Arrays that `step` (or the diagonal) closes over become explicit, differentiable
-    # arguments of the custom VJP.
+    if jacobian is None and method == "deer":
+        jacobian = jacobian_of(step)
+    # Arrays that `step`, the diagonal or the Jacobian close over become explicit,
+    # differentiable arguments of the custom VJP: params_ext = (params, consts of each).
     step_c, step_consts = jax.closure_convert(step, params, carry0, x0)
-    diag_c, diag_consts = None, []
-    if jacobian_diagonal is not None and method == "quasi_deer":
-        diag_c, diag_consts = jax.closure_convert(jacobian_diagonal, params, carry0, x0)
-
-    def step_ext(p: Any, carry: Any, x: Any) -> Any:
-        return step_c(p[0], carry, x, *p[1])
-
-    diag_ext: Callable[[Any, Any, Any], Any] | None = None
-    if diag_c is not None:
-        diag_fn = diag_c
-
-        def diagonal_ext(p: Any, carry: Any, x: Any) -> Any:
-            return diag_fn(p[0], carry, x, *p[2])
-
-        diag_ext = diagonal_ext
-
-    pb = _Problem(step_ext, diag_ext, layout, method, tol, max_iter, float(damping or 0.0))
-    traced = is_traced((params, carry0, xs, guess, step_consts, diag_consts))
-    params_ext = (params, list(step_consts), list(diag_consts))
+    extra = [None if fn is None else jax.closure_convert(fn, params, carry0, x0)
+             for fn in (jacobian_diagonal, jacobian)]
+    consts = [list(step_consts), *([] if c is None else list(c[1]) for c in extra)]
+    step_ext = _with_consts(step_c, 1)
+    diag_ext, jac_ext = (None if c is None else _with_consts(c[0], i + 2)
+                         for i, c in enumerate(extra))
+    pb = _Problem(step_ext, diag_ext, layout, method, tol, max_iter, float(damping or 0.0),
+                  jac_ext)
+    traced = is_traced((params, carry0, xs, guess, consts))
+    params_ext = (params, *consts)
     h0 = layout.flatten(carry0)
     if guess is None:
         flat_guess = jnp.broadcast_to(jax.lax.stop_gradient(h0), (length, *h0.shape))

@@ -480,7 +480,7 @@ def _run_parallel(
     batch_shape: tuple,
 ) -> tuple[Any, Any, Any]:
     """One cell's unroll by DEER / quasi-DEER (see ``_parallel.py``), forward in time."""
-    from ._parallel import jacobian_diagonal_of, parallel_solve
+    from ._parallel import jacobian_diagonal_of, jacobian_of, parallel_solve
 
     inputs = (xs, valid, resets, cut)
     if reverse:  # solve forward over the flipped sequence
@@ -518,10 +518,28 @@ def _run_parallel(
 
         diagonal = masked_diagonal
 
+    jacobian: Callable[[Any, Any, Any], Any] | None = None
+    cell_jacobian = jacobian_of(getattr(cell, "step", None))
+    if opts.method == "deer" and cell_jacobian is not None:  # an Elman cell: (*batch, H, H)
+
+        def masked_jacobian(p: Any, carry: Any, inp: Any) -> Any:
+            cell_params, c0 = p
+            x, valid_t, reset_t, cut_t = inp
+            j = cell_jacobian(cell_params, prepared(c0, carry, reset_t, None), x)
+            for mask in (reset_t, cut_t):  # as the masked diagonal above
+                if mask is not None:
+                    j = _where(mask, jnp.zeros_like(j), j)
+            if valid_t is not None:
+                j = _where(valid_t, j, jnp.broadcast_to(jnp.eye(j.shape[-1], dtype=j.dtype),
+                                                         j.shape))
+            return j
+
+        jacobian = masked_jacobian
+
     final, ys, info = parallel_solve(
         step, (params, carry0), carry0, inputs, method=opts.method, tol=opts.tol,
         max_iter=opts.max_iter, guess=guess, damping=opts.damping, on_failure=opts.on_failure,
-        jacobian_diagonal=diagonal, batch_ndim=len(batch_shape),
+        jacobian_diagonal=diagonal, batch_ndim=len(batch_shape), jacobian=jacobian,
     )
     if reverse:
         ys = jax.tree.map(lambda a: jnp.flip(a, axis=0), ys)

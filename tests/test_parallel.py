@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 import jax_rnn
+from jax_rnn import _parallel
 from jax_rnn._parallel import (
     ParallelInfo,
     default_tol,
@@ -389,6 +390,70 @@ def test_registered_diagonal_is_the_jacobian_diagonal(kind, seed, scale):
     carry = jax_rnn.LSTMState(h, rng.normal(size=hidden)) if kind == "lstm" else h
     got, want = _diagonal_and_jacobian(kind)(params, carry, rng.normal(size=inputs))
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["elman", "elman_relu"])
+@settings(max_examples=FEW)
+@given(seed=st.integers(0, 2**16), scale=st.floats(0.5, 4.0))
+def test_elman_full_jacobian_is_jacfwd_of_the_step(kind, seed, scale):
+    """DEER's written-out Elman Jacobians against ``jax.jacfwd`` of the step, per example
+    of a batch, in float64; and the solver's Jacobians are the written-out ones."""
+    step = getattr(jax_rnn, kind).step
+    jacobian = _parallel._FULL_JACOBIANS[step]
+    rng = np.random.default_rng(seed)
+    batch, inputs, hidden = 3, 2, 4
+    params = jax_rnn.ElmanParams(
+        *(scale * rng.uniform(-1, 1, shape) for shape in [(hidden, hidden), (inputs, hidden),
+                                                          (hidden,)]))
+    h, x = rng.normal(size=(batch, hidden)), rng.normal(size=(batch, inputs))
+    got = np.asarray(jacobian(params, h, x))
+    for b in range(batch):
+        want = jax.jacfwd(lambda v, b=b: step(params, v, x[b])[0])(h[b])
+        np.testing.assert_allclose(got[b], want, rtol=1e-12, atol=1e-12)
+    layout = _parallel._layout_of(h, None)
+    pb = _parallel._Problem(step, None, layout, "deer", 1e-12, 5, 0.0,
+                            lambda p, c, x_: jacobian(p[0], c, x_))
+    xs, prev = x[None], h[None]
+    in_solver = _parallel._jacobians(pb, (params, [], []), prev, xs)
+    generic = _parallel._jacobians(pb._replace(jacobian=None, step=lambda p, c, x_: step(
+        p[0], c, x_)), (params, [], []), prev, xs)
+    np.testing.assert_allclose(in_solver, got[None], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(generic, got[None], rtol=1e-12, atol=1e-12)
+
+
+def test_a_callers_jacobian_with_closed_over_arrays_is_used_and_differentiated():
+    """``parallel_solve(..., jacobian=fn)`` for a step that closes over an array (a gain
+    ``g`` on the state): states and gradients (including d/dg, which reaches the solver
+    through the closures of both the step and the Jacobian) equal a sequential scan in
+    float64. A Jacobian that ignores ``g`` is wrong: Newton needs more iterations and the
+    adjoint falls back to the sequential scan, but states and gradients stay right."""
+    params, xs, carry0 = _contractive_elman(steps=20, hidden=5)
+
+    def loss(g, method, right=True):
+        def step(p, h, x):
+            return jax_rnn.elman_step(p, g * h, x)
+
+        def jac(p, h, x):  # d step / d h = J_elman(g h) * g
+            return _parallel._elman_tanh_jacobian(p, g * h, x) * (g if right else 1.0)
+
+        if method == "sequential":
+            _, ys = jax.lax.scan(functools.partial(step, params), carry0, xs)
+            info = None
+        else:
+            _, ys, info = parallel_solve(step, params, carry0, xs, method=method, jacobian=jac)
+        return jnp.sum(jnp.sin(ys.state)), info
+
+    g = jnp.asarray(0.8)
+    (value, info), grad = jax.value_and_grad(loss, has_aux=True)(g, "deer")
+    (ref_value, _), ref_grad = jax.value_and_grad(loss, has_aux=True)(g, "sequential")
+    assert bool(info.converged) and not bool(info.fell_back)
+    np.testing.assert_allclose(value, ref_value, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    (wrong_value, wrong), wrong_grad = jax.value_and_grad(loss, has_aux=True)(
+        g, "deer", False)
+    assert int(wrong.iterations) > int(info.iterations)
+    np.testing.assert_allclose(wrong_value, ref_value, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(wrong_grad, ref_grad, rtol=1e-10, atol=1e-12)
 
 
 # --- Argument checks ------------------------------------------------------------------

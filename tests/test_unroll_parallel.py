@@ -134,3 +134,22 @@ def test_output_jacobian_through_deer():
     b = jax_rnn.output_jacobian(jax_rnn.elman, params, xs)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cell", [jax_rnn.elman, jax_rnn.elman_relu], ids=["tanh", "relu"])
+@pytest.mark.parametrize("option", sorted(OPTIONS))
+def test_deer_with_written_out_elman_jacobians_equals_sequential(cell, option):
+    """DEER on the Elman cells uses their written-out Jacobians, masked for padding,
+    resets and truncation: values and gradients equal the sequential unroll in float64."""
+    from jax_rnn._parallel import jacobian_of
+
+    assert jacobian_of(cell.step) is not None
+    params = jax.tree.map(lambda a: a * 2.0,
+                          cell.init(jax.random.key(5), 2, 3, 2, dtype=np.float64))
+    xs = np.random.default_rng(5).normal(size=(9, 3, 2))
+    state0 = cell.initial_state(params, (3,)) + 0.1
+    grad = jax.value_and_grad(_loss, argnums=(1, 2, 3))
+    a = grad(cell, params, xs, state0, "deer", **OPTIONS[option])
+    b = grad(cell, params, xs, state0, "sequential", **OPTIONS[option])
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10)
