@@ -671,8 +671,9 @@ def parallel_solve(
             about 1.2e-6 for float32). The gradients' adjoint iteration uses it too.
         max_iter: most Newton updates; ``None`` means ``min(T, 100)``.
         guess: the initial trajectory, shaped like the stacked carries
-            (``(T, *batch, ...)`` per leaf), e.g. a previous solution; ``None`` repeats
-            ``carry0``. It receives no gradient.
+            (``(T, *batch, ...)`` per leaf), e.g. a previous solution; ``None`` means
+            every step evaluated at ``carry0`` (one parallel Jacobi step from the
+            constant trajectory). It receives no gradient.
         damping: ``None`` (0) or ``lambda >= 0``: :math:`A_t` is divided by
             ``1 + lambda``. This keeps the scan's products of Jacobians bounded when
             the dynamics are expansive; ``lambda -> inf`` is the Picard (Jacobi)
@@ -776,7 +777,12 @@ def parallel_solve(
     params_ext = (params, *consts)
     h0 = layout.flatten(carry0)
     if guess is None:
-        flat_guess = jnp.broadcast_to(jax.lax.stop_gradient(h0), (length, *h0.shape))
+        # One Jacobi step from the constant trajectory carry0: every step evaluated at
+        # carry0, all at once. The first step is then exact and, for contractive
+        # dynamics, the rest far closer than carry0 (Elman tanh, B=1: DEER needed 3 Newton
+        # iterations instead of 4 at T >= 10,000 for H = 4 and 16).
+        flat_guess = jax.lax.stop_gradient(
+            _f_time(pb, params_ext, jnp.broadcast_to(h0, (length, *h0.shape)), xs))
     else:
         flat_guess = _flat_guess(layout, guess, length)
     states, info = _solver(pb, on_failure)(params_ext, h0, xs, flat_guess)

@@ -235,13 +235,17 @@ def test_zero_length(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_one_step_is_exact_after_one_iteration(method):
+def test_one_step_is_exact_from_the_default_guess_or_after_one_iteration(method):
+    """T=1: the default guess (the step at carry0) is the answer, 0 Newton updates; from
+    any other guess one update makes it exact."""
     params, xs, state0 = jax_rnn.seed_example()
-    final, ys, info = parallel_solve(jax_rnn.elman_step, params, state0, xs[:1], method=method)
     want, out = jax_rnn.elman_step(params, state0, xs[0])
-    np.testing.assert_allclose(final, want, rtol=1e-14)
-    np.testing.assert_allclose(ys.output[0], out.output, rtol=1e-14)
-    assert int(info.iterations) == 1 and bool(info.converged)
+    for guess, updates in ((None, 0), (jnp.full((1, *state0.shape), 5.0), 1)):
+        final, ys, info = parallel_solve(jax_rnn.elman_step, params, state0, xs[:1],
+                                         method=method, guess=guess)
+        np.testing.assert_allclose(final, want, rtol=1e-14)
+        np.testing.assert_allclose(ys.output[0], out.output, rtol=1e-14)
+        assert int(info.iterations) == updates and bool(info.converged)
 
 
 # --- Convergence ----------------------------------------------------------------------
