@@ -696,13 +696,14 @@ def parallel_solve(
             otherwise forms the full Jacobian and takes its diagonal.
         jacobian: ``jacobian(params, carry, x) -> (*batch, D, D)``, the per-example
             Jacobian :math:`\partial\,\mathrm{carry}'_i / \partial\,\mathrm{carry}_j`
-            of the carry flattened per example (leaves in pytree order), used by both
-            methods. ``None`` means the written-out Jacobians of the Elman steps (tanh and
-            ReLU) for ``deer``, and otherwise ``D`` basis vectors pushed through
-            :func:`jax.linearize` of ``step`` (more memory traffic per iteration). An
-            inexact one slows Newton's convergence and sends the gradient to the
-            sequential fallback, but does not change the results: residuals are always
-            computed with ``step`` itself.
+            of the carry flattened per example (leaves in pytree order), used by
+            ``deer``, and by ``quasi_deer`` when there is no ``jacobian_diagonal`` (given
+            or registered). ``None`` means the written-out Jacobians of the Elman steps
+            (tanh and ReLU) for ``deer``, and otherwise ``D`` basis vectors pushed
+            through :func:`jax.linearize` of ``step`` (more memory traffic per
+            iteration). An inexact one slows Newton's convergence and, for ``deer``,
+            sends the gradient to the sequential fallback, but does not change the
+            results: residuals are always computed with ``step`` itself.
         batch_ndim: how many leading axes of the carry index independent examples;
             ``None`` means all but the last axis of the first carry leaf. Jacobians are
             per example, ``(B, D, D)`` with ``D`` the carry's size per example, so
@@ -760,7 +761,8 @@ def parallel_solve(
         jacobian_diagonal = None
     elif jacobian_diagonal is None:
         jacobian_diagonal = jacobian_diagonal_of(step)
-    if jacobian is None and method == "deer":
+    if jacobian is None and method == "deer" and layout.feature_shapes == (
+            (layout.sizes[0],),):  # the Elman Jacobians are (*batch, H, H): one axis of H
         jacobian = jacobian_of(step)
     # Arrays that `step`, the diagonal or the Jacobian close over become explicit,
     # differentiable arguments of the custom VJP: params_ext = (params, consts of each).

@@ -466,6 +466,54 @@ def _empty_info(opts: Options, carry0: Any) -> Any:
     return ParallelInfo(jnp.int32(0), jnp.zeros((), dtype), jnp.bool_(True), jnp.bool_(False))
 
 
+def _prepared(c0: Any, carry: Any, reset_t: Any, cut_t: Any) -> Any:
+    """A parallel step's input carry: ``c0`` after a reset, gradients stopped at a cut."""
+    if reset_t is not None:
+        carry = _where(reset_t, c0, carry)
+    if cut_t is not None:
+        carry = jax.tree.map(lambda c: jnp.where(cut_t, jax.lax.stop_gradient(c), c), carry)
+    return carry
+
+
+def _masked_step(cell: Any) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """``cell.step`` with resets, cuts and padding, as ``step((params, c0), carry, inp)``
+    over ``inp = (x, valid, reset, cut)`` (each mask ``None`` or per example)."""
+
+    def step(p: Any, carry: Any, inp: Any) -> tuple[Any, Any]:
+        cell_params, c0 = p
+        x, valid_t, reset_t, cut_t = inp
+        c_in = _prepared(c0, carry, reset_t, cut_t)
+        new, y = cell.step(cell_params, c_in, x)
+        return _where(valid_t, new, c_in), _zero_invalid(valid_t, y)
+
+    return step
+
+
+def _identity_matrices(j: Array) -> Array:
+    return jnp.broadcast_to(jnp.eye(j.shape[-1], dtype=j.dtype), j.shape)
+
+
+def _masked_derivative(fn: Callable[[Any, Any, Any], Any],
+                       identity: Callable[[Any], Any]) -> Callable[[Any, Any, Any], Any]:
+    """A cell's Jacobian (or its diagonal) ``fn(params, carry, x)`` as that of
+    :func:`_masked_step`: the identity at a padded step (it copies its input carry), then
+    zero after a reset or at a cut (the carry does not flow through; at a cut its
+    gradient is stopped, and autodiff of the masked step sees zero there too)."""
+
+    def masked(p: Any, carry: Any, inp: Any) -> Any:
+        cell_params, c0 = p
+        x, valid_t, reset_t, cut_t = inp
+        d = fn(cell_params, _prepared(c0, carry, reset_t, None), x)
+        if valid_t is not None:
+            d = _where(valid_t, d, identity(d))
+        for mask in (reset_t, cut_t):
+            if mask is not None:
+                d = _where(mask, jax.tree.map(jnp.zeros_like, d), d)
+        return d
+
+    return masked
+
+
 def _run_parallel(
     cell: Any,
     params: Any,
@@ -487,54 +535,15 @@ def _run_parallel(
         inputs = jax.tree.map(lambda a: jnp.flip(a, axis=0), inputs)
         guess = None if guess is None else jax.tree.map(lambda a: jnp.flip(a, axis=0), guess)
 
-    def prepared(c0: Any, carry: Any, reset_t: Any, cut_t: Any) -> Any:
-        if reset_t is not None:
-            carry = _where(reset_t, c0, carry)
-        if cut_t is not None:
-            carry = jax.tree.map(lambda c: jnp.where(cut_t, jax.lax.stop_gradient(c), c), carry)
-        return carry
-
-    def step(p: Any, carry: Any, inp: Any) -> tuple[Any, Any]:
-        cell_params, c0 = p
-        x, valid_t, reset_t, cut_t = inp
-        c_in = prepared(c0, carry, reset_t, cut_t)
-        new, y = cell.step(cell_params, c_in, x)
-        return _where(valid_t, new, c_in), _zero_invalid(valid_t, y)
-
+    step = _masked_step(cell)
     diagonal: Callable[[Any, Any, Any], Any] | None = None
     cell_diagonal = jacobian_diagonal_of(getattr(cell, "step", None))
     if opts.method == "quasi_deer" and cell_diagonal is not None:
-
-        def masked_diagonal(p: Any, carry: Any, inp: Any) -> Any:
-            cell_params, c0 = p
-            x, valid_t, reset_t, cut_t = inp
-            d = cell_diagonal(cell_params, prepared(c0, carry, reset_t, None), x)
-            for mask in (reset_t, cut_t):
-                if mask is not None:  # the carry does not flow through here
-                    d = _where(mask, jax.tree.map(jnp.zeros_like, d), d)
-            if valid_t is not None:  # masked steps copy the carry: identity
-                d = _where(valid_t, d, jax.tree.map(jnp.ones_like, d))
-            return d
-
-        diagonal = masked_diagonal
-
+        diagonal = _masked_derivative(cell_diagonal, lambda d: jax.tree.map(jnp.ones_like, d))
     jacobian: Callable[[Any, Any, Any], Any] | None = None
     cell_jacobian = jacobian_of(getattr(cell, "step", None))
     if opts.method == "deer" and cell_jacobian is not None:  # an Elman cell: (*batch, H, H)
-
-        def masked_jacobian(p: Any, carry: Any, inp: Any) -> Any:
-            cell_params, c0 = p
-            x, valid_t, reset_t, cut_t = inp
-            j = cell_jacobian(cell_params, prepared(c0, carry, reset_t, None), x)
-            for mask in (reset_t, cut_t):  # as the masked diagonal above
-                if mask is not None:
-                    j = _where(mask, jnp.zeros_like(j), j)
-            if valid_t is not None:
-                j = _where(valid_t, j, jnp.broadcast_to(jnp.eye(j.shape[-1], dtype=j.dtype),
-                                                         j.shape))
-            return j
-
-        jacobian = masked_jacobian
+        jacobian = _masked_derivative(cell_jacobian, _identity_matrices)
 
     final, ys, info = parallel_solve(
         step, (params, carry0), carry0, inputs, method=opts.method, tol=opts.tol,

@@ -425,6 +425,21 @@ def test_elman_full_jacobian_is_jacfwd_of_the_step(kind, seed, scale):
     np.testing.assert_allclose(generic, got[None], rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("batch_ndim", [0, 1])
+def test_deer_on_an_elman_step_with_fewer_batch_axes_than_the_carry(batch_ndim):
+    """A (2, 4, H) carry with batch_ndim < 2 makes D = 4 H or 8 H per example: the Elman
+    step's (*batch, H, H) Jacobian does not apply, and DEER must still solve it."""
+    params = jax_rnn.elman.init(jax.random.key(3), 2, 3, 2)
+    carry0 = jnp.full((2, 4, 3), 0.1)
+    xs = jax.random.normal(jax.random.key(4), (5, 2, 4, 2))
+    final, ys, info = parallel_solve(jax_rnn.elman_step, params, carry0, xs, method="deer",
+                                     batch_ndim=batch_ndim)
+    ref_final, ref = jax.lax.scan(functools.partial(jax_rnn.elman_step, params), carry0, xs)
+    assert bool(info.converged) and not bool(info.fell_back)
+    np.testing.assert_allclose(final, ref_final, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(ys.output, ref.output, rtol=0, atol=1e-12)
+
+
 def test_a_callers_jacobian_with_closed_over_arrays_is_used_and_differentiated():
     """``parallel_solve(..., jacobian=fn)`` for a step that closes over an array (a gain
     ``g`` on the state): states and gradients (including d/dg, which reaches the solver
@@ -448,13 +463,13 @@ def test_a_callers_jacobian_with_closed_over_arrays_is_used_and_differentiated()
         return jnp.sum(jnp.sin(ys.state)), info
 
     g = jnp.asarray(0.8)
-    (value, info), grad = jax.value_and_grad(loss, has_aux=True)(g, "deer")
-    (ref_value, _), ref_grad = jax.value_and_grad(loss, has_aux=True)(g, "sequential")
+    value_and_grad = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=(1, 2))
+    (value, info), grad = value_and_grad(g, "deer")
+    (ref_value, _), ref_grad = value_and_grad(g, "sequential")
     assert bool(info.converged) and not bool(info.fell_back)
     np.testing.assert_allclose(value, ref_value, rtol=0, atol=1e-12)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-10, atol=1e-12)
-    (wrong_value, wrong), wrong_grad = jax.value_and_grad(loss, has_aux=True)(
-        g, "deer", False)
+    (wrong_value, wrong), wrong_grad = value_and_grad(g, "deer", False)
     assert int(wrong.iterations) > int(info.iterations)
     np.testing.assert_allclose(wrong_value, ref_value, rtol=0, atol=1e-12)
     np.testing.assert_allclose(wrong_grad, ref_grad, rtol=1e-10, atol=1e-12)

@@ -136,11 +136,13 @@ def test_output_jacobian_through_deer():
         np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("cell", [jax_rnn.elman, jax_rnn.elman_relu], ids=["tanh", "relu"])
-@pytest.mark.parametrize("option", sorted(OPTIONS))
+@pytest.mark.parametrize(("cell", "option"), [
+    (jax_rnn.elman, "lengths_reverse"), (jax_rnn.elman, "resets"),
+    (jax_rnn.elman_relu, "truncate"), (jax_rnn.elman_relu, "plain")])
 def test_deer_with_written_out_elman_jacobians_equals_sequential(cell, option):
     """DEER on the Elman cells uses their written-out Jacobians, masked for padding,
-    resets and truncation: values and gradients equal the sequential unroll in float64."""
+    resets and truncation (each checked against autodiff of the masked step below):
+    values and gradients equal the sequential unroll in float64."""
     from jax_rnn._parallel import jacobian_of
 
     assert jacobian_of(cell.step) is not None
@@ -153,3 +155,41 @@ def test_deer_with_written_out_elman_jacobians_equals_sequential(cell, option):
     b = grad(cell, params, xs, state0, "sequential", **OPTIONS[option])
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         np.testing.assert_allclose(x, y, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("kind", ["elman", "elman_relu", "gru"])
+@pytest.mark.parametrize("cut_shape", ["scalar", "per_example"])
+def test_masked_jacobians_and_diagonals_are_those_of_the_masked_step(kind, cut_shape):
+    """What DEER / quasi-DEER use inside ``unroll`` at a step with padding, a reset or a
+    cut, in every combination, equals ``jax.jacfwd`` of the masked step itself (per
+    example, float64): the identity where a padded step copies its carry, zero where a
+    reset or a cut stops it."""
+    from jax_rnn._parallel import jacobian_diagonal_of, jacobian_of
+    from jax_rnn._unroll import _identity_matrices, _masked_derivative, _masked_step
+
+    cell = getattr(jax_rnn, kind)
+    params = jax.tree.map(lambda a: a * 2.0,
+                          cell.init(jax.random.key(7), 2, 3, None, dtype=np.float64))
+    rng = np.random.default_rng(7)
+    combos = np.array([(v, r, c) for v in (0, 1) for r in (0, 1) for c in (0, 1)], bool)
+    batch = len(combos)
+    carry, c0 = rng.normal(size=(batch, 3)), rng.normal(size=(batch, 3))
+    x = rng.normal(size=(batch, 2))
+    valid, reset, cut = combos.T
+    step = _masked_step(cell)
+    cuts = [cut] if cut_shape == "per_example" else [np.bool_(False), np.bool_(True)]
+    for cut_t in cuts:
+        inp = (x, valid, reset, cut_t)
+        want = np.stack([
+            jax.jacfwd(lambda h, i=i, inp=inp: step(
+                (params, c0[i]), h, tuple(m[i] if np.ndim(m) else m for m in inp))[0])(carry[i])
+            for i in range(batch)])
+        diagonal = _masked_derivative(jacobian_diagonal_of(cell.step),
+                                      lambda d: jax.tree.map(jnp.ones_like, d))
+        got_diag = diagonal((params, c0), carry, inp)
+        np.testing.assert_allclose(got_diag, np.diagonal(want, axis1=-2, axis2=-1),
+                                   rtol=1e-12, atol=1e-12)
+        if kind != "gru":
+            jacobian = _masked_derivative(jacobian_of(cell.step), _identity_matrices)
+            np.testing.assert_allclose(jacobian((params, c0), carry, inp), want,
+                                       rtol=1e-12, atol=1e-12)
