@@ -110,15 +110,35 @@ def _elman_pre(params: ElmanParams, h: Array, x: Any) -> Array:
     return pre
 
 
-def _elman_tanh_diagonal(params: ElmanParams, h: Array, x: Any) -> Array:
-    # h' = tanh(h W + ...): dh'_j/dh_j = (1 - h'_j^2) W_jj
-    new = jnp.tanh(_elman_pre(params, h, x))
-    return (1 - new**2) * jnp.diagonal(params.w_cell_state)
+# The Elman steps: h' = act(pre), pre = h W + x W_in + b, so dh'_i/dh_j = act'(pre_i) W_ji.
+# ``slope(params, h, x)`` is act'(pre); the diagonal and the full Jacobian follow from it.
 
 
-def _elman_relu_diagonal(params: ElmanParams, h: Array, x: Any) -> Array:
+def _tanh_slope(params: ElmanParams, h: Array, x: Any) -> Array:
+    return 1 - jnp.tanh(_elman_pre(params, h, x)) ** 2
+
+
+def _relu_slope(params: ElmanParams, h: Array, x: Any) -> Array:
     pre = _elman_pre(params, h, x)
-    return jnp.where(pre > 0, jnp.diagonal(params.w_cell_state), 0).astype(pre.dtype)
+    return (pre > 0).astype(pre.dtype)
+
+
+def _elman_diagonal(slope: Callable[..., Array]) -> Callable[[ElmanParams, Array, Any], Array]:
+    def diagonal(params: ElmanParams, h: Array, x: Any) -> Array:
+        return slope(params, h, x) * jnp.diagonal(params.w_cell_state)
+
+    return diagonal
+
+
+def _elman_jacobian(slope: Callable[..., Array]) -> Callable[[ElmanParams, Array, Any], Array]:
+    """``(*batch, H, H)`` from one product, where the generic path pushes H basis vectors
+    through the step's linearisation and transposes the result (more memory traffic per
+    Newton iteration)."""
+
+    def jacobian(params: ElmanParams, h: Array, x: Any) -> Array:
+        return slope(params, h, x)[..., :, None] * params.w_cell_state.T
+
+    return jacobian
 
 
 def _gates(params: Any, h: Array, x: Any, parts: int) -> tuple[list[Array], list[Array]]:
@@ -159,27 +179,13 @@ def _lstm_diagonal(params: LSTMParams, carry: Any, x: Any) -> Any:
     return LSTMState(dh_dh, f) if isinstance(carry, LSTMState) else (dh_dh, f)
 
 
-def _elman_tanh_jacobian(params: ElmanParams, h: Array, x: Any) -> Array:
-    # h'_i = tanh(pre_i), pre_i = sum_j h_j W_ji + ...: dh'_i/dh_j = (1 - h'_i^2) W_ji
-    new = jnp.tanh(_elman_pre(params, h, x))
-    return (1 - new**2)[..., :, None] * params.w_cell_state.T
-
-
-def _elman_relu_jacobian(params: ElmanParams, h: Array, x: Any) -> Array:
-    pre = _elman_pre(params, h, x)
-    return jnp.where(pre > 0, 1, 0).astype(pre.dtype)[..., :, None] * params.w_cell_state.T
-
-
-# Full Jacobians written out for the Elman steps: ``(*batch, H, H)`` from one product,
-# where the generic path pushes H basis vectors through the step's linearisation and
-# transposes the result (more memory traffic per Newton iteration).
 _FULL_JACOBIANS: dict[Any, Callable[[Any, Any, Any], Array]] = {
-    elman_step: _elman_tanh_jacobian,
-    elman_relu.step: _elman_relu_jacobian,
+    elman_step: _elman_jacobian(_tanh_slope),
+    elman_relu.step: _elman_jacobian(_relu_slope),
 }
 
-register_jacobian_diagonal(elman_step, _elman_tanh_diagonal)
-register_jacobian_diagonal(elman_relu.step, _elman_relu_diagonal)
+register_jacobian_diagonal(elman_step, _elman_diagonal(_tanh_slope))
+register_jacobian_diagonal(elman_relu.step, _elman_diagonal(_relu_slope))
 register_jacobian_diagonal(gru_step, _gru_diagonal)
 register_jacobian_diagonal(lstm_step, _lstm_diagonal)
 

@@ -453,7 +453,7 @@ def test_a_callers_jacobian_with_closed_over_arrays_is_used_and_differentiated()
             return jax_rnn.elman_step(p, g * h, x)
 
         def jac(p, h, x):  # d step / d h = J_elman(g h) * g
-            return _parallel._elman_tanh_jacobian(p, g * h, x) * (g if right else 1.0)
+            return _parallel.jacobian_of(jax_rnn.elman_step)(p, g * h, x) * (g if right else 1.0)
 
         if method == "sequential":
             _, ys = jax.lax.scan(functools.partial(step, params), carry0, xs)
