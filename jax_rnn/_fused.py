@@ -138,27 +138,21 @@ _BACK_FROM_OUTPUT = ((jnp.tanh, _tanh_back), (jax.nn.relu, _relu_back),
 pre-activations need not be kept."""
 
 
-def _elman_prepare_state(tape: Tape, d_pre: Array, d_state: Array) -> Any:
-    return tape.state, d_pre, d_state
+def _vjp_back(activation: Callable[[Array], Array]) -> Callable[[Array, Array], Array]:
+    """The derivative of any activation (elementwise or not) from its input: its vjp."""
+    return lambda pre, d_h: jax.vjp(activation, pre)[1](d_h)[0]
 
 
-def _elman_step_back_state(back: Callable[[Array, Array], Array]) -> Callable[..., Any]:
+def _elman_prepare(saved: str) -> Callable[[Tape, Array, Array], Any]:
+    """Backward-loop inputs: the tape's ``saved`` field (what ``back`` reads) and the
+    cotangents of the public pre-activations and states."""
+    return lambda tape, d_pre, d_state: (getattr(tape, saved), d_pre, d_state)
+
+
+def _elman_step_back(back: Callable[[Array, Array], Array]) -> Callable[..., Any]:
     def step_back(w_t: Array, inputs: Any, d_new: Array) -> tuple[Array, Array]:
-        h, d_pre, d_state = inputs
-        d_g = back(h, d_new + d_state) + d_pre
-        return d_g, d_g @ w_t
-
-    return step_back
-
-
-def _elman_prepare_any(tape: Tape, d_pre: Array, d_state: Array) -> Any:
-    return tape.pre, d_pre, d_state
-
-
-def _elman_step_back_any(activation: Callable[[Array], Array]) -> Callable[..., Any]:
-    def step_back(w_t: Array, inputs: Any, d_new: Array) -> tuple[Array, Array]:
-        pre, d_pre, d_state = inputs  # any activation (elementwise or not): its vjp
-        d_g = jax.vjp(activation, pre)[1](d_new + d_state)[0] + d_pre
+        saved, d_pre, d_state = inputs
+        d_g = back(saved, d_new + d_state) + d_pre
         return d_g, d_g @ w_t
 
     return step_back
@@ -170,15 +164,15 @@ def _elman_fused(activation: Callable[[Array], Array]) -> FusedCell:
         pre = gx + gh
         return activation(pre), pre, ()
 
-    back = next((b for f, b in _BACK_FROM_OUTPUT if f is activation), None)
+    from_output = next((b for f, b in _BACK_FROM_OUTPUT if f is activation), None)
+    back = _vjp_back(activation) if from_output is None else from_output
     return FusedCell(
         input_bias=lambda p: _sum_biases(p.b_cell, p.b_cell_state),
         recurrent_bias=lambda p: None,
         pointwise=pointwise,
         hidden=_ident,
-        prepare=_elman_prepare_any if back is None else _elman_prepare_state,
-        step_back=(_elman_step_back_any(activation) if back is None
-                   else _elman_step_back_state(back)),
+        prepare=_elman_prepare("pre" if from_output is None else "state"),
+        step_back=_elman_step_back(back),
         gate_grads=_same,
         additive=True,
     )
