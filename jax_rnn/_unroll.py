@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
-from jax.core import Tracer
 
 from . import _checks
 from ._compose import (
@@ -197,7 +196,7 @@ def _check_seq_lengths(where: str, seq_lengths: Any, batch: tuple, length: int) 
     seq_lengths = _checks.as_array(seq_lengths)
     # Range check on concrete values only; an array spread over several hosts cannot be
     # read here (it is checked on the host that built it, or not at all under jit).
-    concrete = not isinstance(seq_lengths, Tracer)
+    concrete = not _checks.is_traced(seq_lengths)
     if concrete and getattr(seq_lengths, "is_fully_addressable", True):
         values = np.asarray(seq_lengths)
         if values.size and (values.min() < 0 or values.max() > length):
@@ -274,7 +273,7 @@ def check_finite_inputs(where: str, **trees: Any) -> None:
     """Raises ValueError if a concrete input holds NaN or Inf (a checkify check if traced)."""
     for name, tree in trees.items():
         for leaf in jax.tree.leaves(tree):
-            if isinstance(leaf, Tracer):
+            if _checks.is_traced(leaf):
                 from jax.experimental import checkify
 
                 checkify.check(
