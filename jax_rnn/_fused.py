@@ -30,6 +30,13 @@ transposed once outside it (XLA's CPU backend is slower with a transposed operan
 computes the elementwise part inside it: reading the saved gates costs less memory
 traffic than a precomputed array of derivatives would.
 
+One LSTM sequence of hidden size at most 64 on a CPU (no masked, reset or cut steps)
+takes a compact path instead, because there XLA's per-operation cost is most of each
+step: its loops run 8 operations each (the most that XLA's CPU runtime executes one
+after another without dataflow scheduling), keeping the pre-activations and cell states
+in the forward loop and precomputing every derivative coefficient for the backward loop
+(see the comment above ``_compact_lstm``).
+
 Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``: use
 ``unroll(..., impl="scan")`` for it (reverse-over-reverse works on both).
 """
@@ -237,6 +244,113 @@ def _lstm_step_back(w_t: Array, inputs: Any, d_new: LSTMState) -> tuple[Array, L
     return d_a, LSTMState(d_a @ w_t, d_c * f)
 
 
+# The compact LSTM path for one sequence of a small hidden size. XLA's CPU runtime runs a
+# loop body's operations one after another only while the body has at most 8 of them
+# (``ThunkExecutor``'s ``execute_sequential_num_thunks_threshold``); past that it
+# schedules them as a dataflow graph, which costs more per operation. With one row per
+# step the matrix products are matrix-vector products and that overhead is most of the
+# step: the general path's loops have 19 (forward) and 12 (backward) operations. Here the
+# forward loop keeps only the pre-activations ``a`` and the cell states (8 operations);
+# the public outputs and every derivative coefficient are computed after it for all steps
+# at once and packed into one array, so that the backward loop reads one slice and runs 8
+# operations. The packed array costs 8 floats per hidden unit and step: with more rows
+# per step, or a hidden size above 64, the extra memory traffic costs more than the
+# operations saved (docs/performance.md), and the general path is used.
+
+_COMPACT_MAX_HIDDEN = 64
+
+
+class CompactTape(NamedTuple):
+    """The compact LSTM path's residuals: the initial carry, and each step's
+    pre-activations, cell state and output."""
+
+    carry0: LSTMState
+    a: Array
+    c: Array
+    state: Array
+
+
+def _lstm_gates(a: Array) -> tuple[Array, Array, Array, Array]:
+    i, f, g, o = jnp.split(a, 4, axis=-1)
+    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+
+
+def _compact_lstm(fc: FusedCell, xs: Array, carry0: Any, masks: tuple[Any, ...]) -> bool:
+    """Whether the compact LSTM path applies: an LSTM on a CPU without masked, reset or
+    cut steps, with one row per step and a hidden size of at most 64."""
+    if fc is not _LSTM or any(m is not None for m in masks) or not _project_per_step():
+        return False
+    h = carry0.h
+    hidden = h.shape[-1]
+    return (h.shape[:-1] == xs.shape[1:-1] and h.size == hidden
+            and hidden <= _COMPACT_MAX_HIDDEN)
+
+
+def _lstm_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: Array | None,
+                          w: Array, xs: Array, carry0: LSTMState,
+                          ) -> tuple[LSTMState, CompactTape]:
+    stacked = jnp.concatenate([w_in, w], axis=0)
+
+    def body(carry: LSTMState, x: Array) -> tuple[LSTMState, tuple[Array, Array]]:
+        a = _project(jnp.concatenate([x, carry.h], axis=-1), stacked, b_in)
+        i, f, tg, o = _lstm_gates(a)
+        c = f * carry.c + i * tg
+        return LSTMState(o * jnp.tanh(c), c), (a, c)
+
+    final, (a, c) = jax.lax.scan(body, carry0, xs, reverse=reverse, unroll=unroll)
+    state = jax.nn.sigmoid(jnp.split(a, 4, axis=-1)[3]) * jnp.tanh(c)
+    return final, CompactTape(carry0, a, c, state)
+
+
+def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: CompactTape,
+                           d_final: LSTMState, d_pre: Array,
+                           d_state: Array) -> tuple[Array, LSTMState, Array]:
+    """``(d_a, d_carry0, h_in)``: the pre-activations' gradients of every step, the
+    initial carry's gradient and each step's input state.
+
+    Per step, with ``tc = tanh(c)``: ``d h = d h' + d state``, ``d c = d c' + d h o
+    (1 - tc^2)``, ``d a = [d c tg i (1-i), d c c_in f (1-f), d c i (1-tg^2) + d pre,
+    d h tc o (1-o)]``, and the carry's gradients ``(d a @ w.T, d c f)``. Everything but
+    ``d h`` and ``d c`` is computed before the loop.
+    """
+    hidden, carry0 = tape.c.shape[-1], tape.carry0
+    i, f, tg, o = _lstm_gates(tape.a)
+    c_in = _previous(tape.c, carry0.c, None, reverse)
+    tc = jnp.tanh(tape.c)
+    packed = jnp.concatenate([d_state, o * (1.0 - tc * tc), f, d_pre, tg * i * (1.0 - i),
+                              c_in * f * (1.0 - f), i * (1.0 - tg * tg), tc * o * (1.0 - o)],
+                             axis=-1)
+    # [d c, d c, d c, d h] * coefficients, built by broadcasting over the four gates rather
+    # than by concatenating: XLA's CPU backend runs a concatenate as an operation of its own.
+    from_c = jnp.array([1, 1, 1, 0], packed.dtype)[:, None]
+    into_g = jnp.array([0, 0, 1, 0], packed.dtype)[:, None]
+    w_t = w.T
+
+    def body(d_carry: LSTMState, row: Array) -> tuple[LSTMState, Array]:
+        d_s, slope, f_t, d_p = (row[..., k * hidden:(k + 1) * hidden] for k in range(4))
+        coef = row[..., 4 * hidden:].reshape(row.shape[:-1] + (4, hidden))
+        d_h = d_carry.h + d_s
+        d_c = d_carry.c + d_h * slope
+        d_a = ((from_c * d_c[..., None, :] + (1 - from_c) * d_h[..., None, :]) * coef
+               + into_g * d_p[..., None, :])
+        d_a = d_a.reshape(d_a.shape[:-2] + (4 * hidden,))
+        return LSTMState(d_a @ w_t, d_c * f_t), d_a
+
+    d_carry0, d_a = jax.lax.scan(body, d_final, packed, reverse=not reverse, unroll=unroll)
+    return d_a, d_carry0, _previous(tape.state, carry0.h, None, reverse)
+
+
+_LSTM = FusedCell(
+    input_bias=lambda p: _sum_biases(p.b_cell_input, p.b_cell_state),
+    recurrent_bias=lambda p: None,
+    pointwise=_lstm_pointwise,
+    hidden=lambda c: c.h,
+    prepare=_lstm_prepare,
+    step_back=_lstm_step_back,
+    gate_grads=_same,
+    additive=True,
+)
+
 _GATED = {
     gru_step: (GRUParams, FusedCell(
         input_bias=lambda p: p.b_cell_input,
@@ -247,16 +361,7 @@ _GATED = {
         step_back=_gru_step_back,
         gate_grads=_gru_gate_grads,
     )),
-    lstm_step: (LSTMParams, FusedCell(
-        input_bias=lambda p: _sum_biases(p.b_cell_input, p.b_cell_state),
-        recurrent_bias=lambda p: None,
-        pointwise=_lstm_pointwise,
-        hidden=lambda c: c.h,
-        prepare=_lstm_prepare,
-        step_back=_lstm_step_back,
-        gate_grads=_same,
-        additive=True,
-    )),
+    lstm_step: (LSTMParams, _LSTM),
 }
 
 
@@ -365,6 +470,11 @@ def _project_per_step() -> bool:
 
 
 def _fused_fwd(fc, reverse, unroll, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
+    if _compact_lstm(fc, xs, carry0, (valid, resets, cut)):
+        final, tape = _lstm_compact_forward(reverse, unroll, w_in, b_in, w, xs, carry0)
+        pre = jnp.split(tape.a, 4, axis=-1)[2]
+        res = (w_in, b_in, w, b, xs, valid, resets, cut, tape)
+        return (final, pre, tape.state), res
     if _project_per_step():
         final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
                                projection=(w_in, b_in))
@@ -390,6 +500,29 @@ def _carry_masks(resets: Array | None, cut: Array | None) -> tuple[Array | None,
 def _fused_bwd(fc, reverse, unroll, res, cotangents):  # noqa: ANN001
     w_in, b_in, w, b, xs, valid, resets, cut, tape = res
     d_final, d_pre, d_state = cotangents
+    if isinstance(tape, CompactTape):
+        d_out, d_carry0, h_in = _lstm_compact_backward(reverse, unroll, w, tape, d_final,
+                                                       d_pre, d_state)
+    else:
+        d_out, d_carry0 = _fused_loop_back(fc, reverse, unroll, w, valid, resets, cut, tape,
+                                           d_final, d_pre, d_state)
+        h_in = tape.h_in
+    d_gx, d_gh = fc.gate_grads(d_out, tape)
+    # One contraction over time and batch. tensordot keeps the batch axis intact (no
+    # reshape merging it with time), so a batch sharded across devices stays sharded and
+    # XLA reduces with one all-reduce instead of gathering every state.
+    lead = tuple(range(d_gh.ndim - 1))
+    d_w = jnp.tensordot(h_in, d_gh, axes=(lead, lead)).astype(w.dtype)
+    d_b = None if b is None else d_gh.sum(axis=lead).astype(b.dtype)
+    # The input projection's gradients, as single contractions too.
+    d_w_in = jnp.tensordot(xs, d_gx, axes=(lead, lead)).astype(w_in.dtype)
+    d_b_in = None if b_in is None else d_gx.sum(axis=lead).astype(b_in.dtype)
+    d_xs = (d_gx @ w_in.T).astype(xs.dtype)
+    return d_w_in, d_b_in, d_w, d_b, d_xs, d_carry0, None, None, None
+
+
+def _fused_loop_back(fc, reverse, unroll, w, valid, resets, cut, tape, d_final, d_pre, d_state):  # noqa: ANN001
+    """The general backward loop: ``(d_out, d_carry0)``."""
     inputs = fc.prepare(tape, d_pre, d_state)
     keep, to_carry0 = _carry_masks(resets, cut)
     w_t = w.T  # transposed once: XLA CPU multiplies by a transposed operand more slowly
@@ -413,19 +546,7 @@ def _fused_bwd(fc, reverse, unroll, res, cotangents):  # noqa: ANN001
         unroll=unroll,
     )
     d_carry0 = d_c if d_carry0 is None else jax.tree.map(jnp.add, d_carry0, d_c)
-    d_gx, d_gh = fc.gate_grads(d_out, tape)
-    # One contraction over time and batch. tensordot keeps the batch axis intact (no
-    # reshape merging it with time), so a batch sharded across devices stays sharded and
-    # XLA reduces with one all-reduce instead of gathering every state.
-    h_in = tape.h_in
-    lead = tuple(range(d_gh.ndim - 1))
-    d_w = jnp.tensordot(h_in, d_gh, axes=(lead, lead)).astype(w.dtype)
-    d_b = None if b is None else d_gh.sum(axis=lead).astype(b.dtype)
-    # The input projection's gradients, as single contractions too.
-    d_w_in = jnp.tensordot(xs, d_gx, axes=(lead, lead)).astype(w_in.dtype)
-    d_b_in = None if b_in is None else d_gx.sum(axis=lead).astype(b_in.dtype)
-    d_xs = (d_gx @ w_in.T).astype(xs.dtype)
-    return d_w_in, d_b_in, d_w, d_b, d_xs, d_carry0, None, None, None
+    return d_out, d_carry0
 
 
 fused_recurrence.defvjp(_fused_fwd, _fused_bwd)

@@ -158,3 +158,37 @@ def test_bad_impl():
     params = jax_rnn.elman.init(jax.random.key(0), 1, 2, 1)
     with pytest.raises(ValueError, match=r"`impl` must be one of \('fused', 'scan'\)"):
         jax_rnn.unroll(jax_rnn.elman, params, np.ones((3, 1)), impl="cudnn")
+
+
+@pytest.mark.parametrize(("batch", "hidden", "t", "reverse", "readout", "dtype", "compact"), [
+    ((), 4, 9, False, 2, np.float64, True),
+    ((1,), 4, 7, True, None, np.float64, True),
+    ((1,), 64, 3, False, None, np.float64, True),  # the largest hidden size it takes
+    ((), 3, 1, True, 2, np.float32, True),
+    ((1,), 5, 2, False, None, np.float32, True),
+    ((1,), 65, 3, False, None, np.float64, False),  # too wide: the general path
+    ((2,), 4, 5, False, None, np.float64, False),  # more than one row per step
+])
+def test_compact_lstm_path_equals_scan(batch, hidden, t, reverse, readout, dtype, compact,
+                                       monkeypatch):
+    """The LSTM's compact path (one row per step, hidden size <= 64 on CPUs) against plain
+    autodiff through scan: outputs, pre-activations, final carry and every gradient, with
+    a loss that gives each of them a cotangent; and it is taken exactly where it should be."""
+    taken = []
+    compact_forward = jax_rnn._fused._lstm_compact_forward
+    monkeypatch.setattr(jax_rnn._fused, "_lstm_compact_forward",
+                        lambda *a: taken.append(1) or compact_forward(*a))
+    params = jax_rnn.lstm.init(jax.random.key(hidden + t), 3, hidden, readout, dtype=dtype)
+    rng = np.random.default_rng(t)
+    xs = rng.normal(size=(t, *batch, 3)).astype(dtype)
+    state0 = jax.tree.map(lambda a: (a + rng.normal(size=a.shape)).astype(dtype),
+                          jax_rnn.lstm.initial_state(params, batch))
+    grad = jax.jit(jax.value_and_grad(_loss, argnums=(1, 2, 3)), static_argnums=(0, 4),
+                   static_argnames="reverse")
+    fused = grad(jax_rnn.lstm, params, xs, state0, "fused", reverse=reverse)
+    assert bool(taken) == compact
+    scan = grad(jax_rnn.lstm, params, xs, state0, "scan", reverse=reverse)
+    tol = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5)}
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(a, b, **tol[dtype])
