@@ -33,7 +33,7 @@ traffic than a precomputed array of derivatives would.
 One LSTM sequence of hidden size at most 64 on a CPU (no masked, reset or cut steps)
 takes a compact path instead, because there XLA's per-operation cost is most of each
 step: its loops run 8 operations each (the most that XLA's CPU runtime executes one
-after another without dataflow scheduling), keeping the pre-activations and cell states
+after another without dataflow scheduling), keeping the gates and cell states
 in the forward loop and precomputing every derivative coefficient for the backward loop
 (see the comment above ``_compact_lstm``).
 
@@ -250,7 +250,7 @@ def _lstm_step_back(w_t: Array, inputs: Any, d_new: LSTMState) -> tuple[Array, L
 # schedules them as a dataflow graph, which costs more per operation. With one row per
 # step the matrix products are matrix-vector products and that overhead is most of the
 # step: the general path's loops have 19 (forward) and 12 (backward) operations. Here the
-# forward loop keeps only the pre-activations ``a`` and the cell states (8 operations);
+# forward loop keeps only the gates (one array) and the cell states (8 operations);
 # the public outputs and every derivative coefficient are computed after it for all steps
 # at once and packed into one array, so that the backward loop reads one slice and runs 8
 # operations. The packed array costs 8 floats per hidden unit and step: with more rows
@@ -261,11 +261,18 @@ _COMPACT_MAX_HIDDEN = 64
 
 
 class CompactTape(NamedTuple):
-    """The compact LSTM path's residuals: the initial carry, and each step's
-    pre-activations, cell state and output."""
+    """The compact LSTM path's residuals.
+
+    Attributes:
+        carry0: the initial carry.
+        gates: each step's ``[s(i), s(f), g, s(o)]``: the three sigmoid gates, and the
+            cell input's pre-activation (the public ``pre``; its tanh is recomputed).
+        c: each step's new cell state.
+        state: each step's output ``h``.
+    """
 
     carry0: LSTMState
-    a: Array
+    gates: Array
     c: Array
     state: Array
 
@@ -290,16 +297,21 @@ def _lstm_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: 
                           w: Array, xs: Array, carry0: LSTMState,
                           ) -> tuple[LSTMState, CompactTape]:
     stacked = jnp.concatenate([w_in, w], axis=0)
+    lane = jnp.arange(4)[:, None]  # the gates i, f, g, o of a (..., 4, H) view
 
     def body(carry: LSTMState, x: Array) -> tuple[LSTMState, tuple[Array, Array]]:
         a = _project(jnp.concatenate([x, carry.h], axis=-1), stacked, b_in)
         i, f, tg, o = _lstm_gates(a)
         c = f * carry.c + i * tg
-        return LSTMState(o * jnp.tanh(c), c), (a, c)
+        # One array of the sigmoids and g, by a select rather than a concatenate (an XLA
+        # operation of its own): the backward pass then evaluates only tanh(g) again.
+        a4 = a.reshape(a.shape[:-1] + (4, w.shape[0]))
+        gates = jnp.where(lane == 2, a4, jax.nn.sigmoid(a4)).reshape(a.shape)
+        return LSTMState(o * jnp.tanh(c), c), (gates, c)
 
-    final, (a, c) = jax.lax.scan(body, carry0, xs, reverse=reverse, unroll=unroll)
-    state = jax.nn.sigmoid(jnp.split(a, 4, axis=-1)[3]) * jnp.tanh(c)
-    return final, CompactTape(carry0, a, c, state)
+    final, (gates, c) = jax.lax.scan(body, carry0, xs, reverse=reverse, unroll=unroll)
+    state = jnp.split(gates, 4, axis=-1)[3] * jnp.tanh(c)
+    return final, CompactTape(carry0, gates, c, state)
 
 
 def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: CompactTape,
@@ -314,7 +326,8 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
     ``d h`` and ``d c`` is computed before the loop.
     """
     hidden, carry0 = tape.c.shape[-1], tape.carry0
-    i, f, tg, o = _lstm_gates(tape.a)
+    i, f, g, o = jnp.split(tape.gates, 4, axis=-1)
+    tg = jnp.tanh(g)
     c_in = _previous(tape.c, carry0.c, None, reverse)
     tc = jnp.tanh(tape.c)
     packed = jnp.concatenate([d_state, o * (1.0 - tc * tc), f, d_pre, tg * i * (1.0 - i),
@@ -472,7 +485,7 @@ def _project_per_step() -> bool:
 def _fused_fwd(fc, reverse, unroll, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
     if _compact_lstm(fc, xs, carry0, (valid, resets, cut)):
         final, tape = _lstm_compact_forward(reverse, unroll, w_in, b_in, w, xs, carry0)
-        pre = jnp.split(tape.a, 4, axis=-1)[2]
+        pre = jnp.split(tape.gates, 4, axis=-1)[2]
         res = (w_in, b_in, w, b, xs, valid, resets, cut, tape)
         return (final, pre, tape.state), res
     if _project_per_step():
