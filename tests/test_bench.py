@@ -124,6 +124,19 @@ def test_bars_compare_like_with_like_and_report_the_numpy_loop_beside():
     assert bars[("gru", "forward_vs_fastest_peer")]["passes"] is True  # 66 / 60
 
 
+def test_interleaved_sampling_rotates_which_call_goes_first():
+    """Every call is sampled once per round, and each round starts one call further on,
+    so that no implementation always follows the same one (PyTorch's spinning threads)."""
+    from jax_rnn._bench import _sample_interleaved
+
+    order: list[str] = []
+    calls = [((lambda name=name: order.append(name)), 2) for name in "abc"]
+    times = _sample_interleaved(calls, repeats=4, budget=1e9)
+    assert [len(t) for t in times] == [4, 4, 4]
+    rounds = ["".join(order[k:k + 6:2]) for k in range(0, 24, 6)]  # 2 calls per sample
+    assert rounds == ["abc", "bca", "cab", "abc"]
+
+
 def test_unknown_config_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown config"):
         main(["bench", "--configs", "nope", "--out", str(tmp_path)])
