@@ -160,23 +160,36 @@ def _sample(call: Callable[[], Any], inner: int) -> float:
     return (time.perf_counter() - t0) / inner
 
 
+def _round_orders(n: int) -> list[list[int]]:
+    """Orders of ``n`` calls, one per round, in which every call directly follows every
+    other equally often over a full cycle (a Williams design: ``n`` rounds for an even
+    ``n``, ``2 n`` for an odd one), and each call comes first equally often."""
+    if n <= 1:
+        return [list(range(n))]
+    base = [0]
+    for k in range(1, n):  # 0, 1, n-1, 2, n-2, ...
+        base.append((k + 1) // 2 if k % 2 else n - k // 2)
+    orders = [[(b + r) % n for b in base] for r in range(n)]
+    return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
+
+
 def _sample_interleaved(calls: list[tuple[Callable[[], Any], int]], repeats: int,
                         budget: float) -> list[list[float]]:
     """Samples every call in turn, round after round, so that a change in the machine's
     load during the measurement reaches every implementation alike.
 
-    Each round starts one call further on, so that every call follows every other about
-    equally often: PyTorch's OpenMP threads keep spinning for a while after its calls, and
-    on a 2-core machine the call sampled right after PyTorch's measured up to 20% slower.
+    The order changes from round to round (:func:`_round_orders`) so that no call always
+    follows the same one: in a fixed order the jax_rnn row always came right after
+    PyTorch's, whose OpenMP threads keep spinning for a while after a call.
     Stops after ``repeats`` rounds, or once 3 rounds are in and ``budget`` seconds per
     call have passed. A call whose first sample took over ``5 * budget`` seconds (an
     eager peer at 10,000 steps, say) is sampled only once: its median is that sample.
     """
     times: list[list[float]] = [[] for _ in calls]
+    orders = _round_orders(len(calls))
     start = time.perf_counter()
     for done in range(1, repeats + 1):
-        shift = (done - 1) % max(len(calls), 1)
-        for k in [*range(shift, len(calls)), *range(shift)]:
+        for k in orders[(done - 1) % len(orders)]:
             (call, inner), samples = calls[k], times[k]
             if samples and samples[0] > 5 * budget:
                 continue

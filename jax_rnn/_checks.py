@@ -25,6 +25,23 @@ def is_traced(tree: Any) -> bool:
     return any(isinstance(leaf, Tracer) for leaf in jax.tree.leaves(tree))
 
 
+def is_vmapped(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` is batched by a :func:`jax.vmap` around this call.
+
+    Looks through the tracers of the transformations applied inside the vmap (grad's
+    primal, vmap's value) for one that carries a batch dimension. A vmap outside a
+    :func:`jax.jit` that traces this call is invisible here: the jit traces its function
+    once per example. Used only to choose between equivalent code paths.
+    """
+    for leaf in jax.tree.leaves(tree):
+        value = leaf
+        while isinstance(value, Tracer):
+            if hasattr(value, "batch_dim"):
+                return True
+            value = getattr(value, "primal", getattr(value, "val", None))
+    return False
+
+
 def shape_dtype(where: str, name: str, value: _ArrayLike) -> tuple[tuple[int, ...], np.dtype]:
     """Returns ``(shape, dtype)`` of an array-like, or raises a TypeError naming ``where``."""
     if isinstance(value, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct) or hasattr(

@@ -322,8 +322,8 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
 
     Per step, with ``tc = tanh(c)``: ``d h = d h' + d state``, ``d c = d c' + d h o
     (1 - tc^2)``, ``d a = [d c tg i (1-i), d c c_in f (1-f), d c i (1-tg^2) + d pre,
-    d h tc o (1-o)]``, and the carry's gradients ``(d a @ w.T, d c f)``. Everything but
-    ``d h`` and ``d c`` is computed before the loop.
+    d h tc o (1-o)]``, and the carry's gradients ``(d a @ w.T, d c f)``. The coefficients
+    of ``d h`` and ``d c`` in these are computed before the loop, for all steps at once.
     """
     hidden, carry0 = tape.c.shape[-1], tape.carry0
     i, f, g, o = jnp.split(tape.gates, 4, axis=-1)
@@ -454,14 +454,16 @@ def _previous(state: Array, h0: Array, resets: Array | None, reverse: bool) -> A
     return h_in if resets is None else jnp.where(_bcast(resets, h_in), h0, h_in)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
-def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, w_in: Array,
-                     b_in: Array | None, w: Array, b: Array | None, xs: Array, carry0: Any,
-                     valid: Array | None, resets: Array | None,
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: bool,
+                     w_in: Array, b_in: Array | None, w: Array, b: Array | None, xs: Array,
+                     carry0: Any, valid: Array | None, resets: Array | None,
                      cut: Array | None) -> tuple[Any, Array, Array]:
     """Runs the cell over ``xs``: ``(final, pre_activations, states)``.
 
-    ``w_in, b_in`` project the inputs, ``w, b`` the state. ``valid`` masks steps past each
+    ``compact`` lets the differentiated call take the compact LSTM path where
+    ``_compact_lstm`` allows it. ``w_in, b_in`` project the inputs, ``w, b`` the state.
+    ``valid`` masks steps past each
     sequence's end, ``resets`` restarts carries from ``carry0`` and ``cut`` stops
     gradients through the carry (truncated BPTT); each is ``(T, *batch)`` or ``None``.
     Evaluated without differentiation it is a plain loop; differentiated, the forward
@@ -482,8 +484,8 @@ def _project_per_step() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _fused_fwd(fc, reverse, unroll, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
-    if _compact_lstm(fc, xs, carry0, (valid, resets, cut)):
+def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
+    if compact and _compact_lstm(fc, xs, carry0, (valid, resets, cut)):
         final, tape = _lstm_compact_forward(reverse, unroll, w_in, b_in, w, xs, carry0)
         pre = jnp.split(tape.gates, 4, axis=-1)[2]
         res = (w_in, b_in, w, b, xs, valid, resets, cut, tape)
@@ -510,7 +512,7 @@ def _carry_masks(resets: Array | None, cut: Array | None) -> tuple[Array | None,
     return ~(cut | resets), resets & ~cut
 
 
-def _fused_bwd(fc, reverse, unroll, res, cotangents):  # noqa: ANN001
+def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
     w_in, b_in, w, b, xs, valid, resets, cut, tape = res
     d_final, d_pre, d_state = cotangents
     if isinstance(tape, CompactTape):
@@ -576,13 +578,18 @@ def fused_unroll(
     reverse: bool,
     unroll: int | bool,
     readout: Callable[[Any, Array], Array],
+    one_sequence_ok: bool = True,
 ) -> tuple[Any, Any]:
-    """``(final, StepOutput)`` of a built-in cell over ``xs``, by the fused path."""
+    """``(final, StepOutput)`` of a built-in cell over ``xs``, by the fused path.
+
+    ``one_sequence_ok=False`` (the call is batched by a :func:`jax.vmap` around it) rules
+    out the compact LSTM path, which is slower than the general one for many rows.
+    """
     from ._types import StepOutput
 
     result: Any = fused_recurrence(
-        fc, reverse, unroll, params.w_cell_input, fc.input_bias(params), params.w_cell_state,
-        fc.recurrent_bias(params), xs, carry0, valid, resets, cut,
+        fc, reverse, unroll, one_sequence_ok, params.w_cell_input, fc.input_bias(params),
+        params.w_cell_state, fc.recurrent_bias(params), xs, carry0, valid, resets, cut,
     )
     final, pre, state = result
     output = readout(params, state)

@@ -304,6 +304,7 @@ class Options(NamedTuple):
     max_iter: int | None = None
     damping: float | None = None
     on_failure: str = "fallback"
+    vmapped: bool = False  # batched by a vmap around unroll: no one-sequence fast paths
 
 
 def cast_floats(tree: Any, dtype: np.dtype | None) -> Any:
@@ -424,7 +425,7 @@ def _run_cell(
     fused = fused_cell_of(cell, params) if opts.impl == "fused" and not chunk else None
     if fused is not None:
         final, ys = fused_unroll(fused, params, xs, carry0, valid, resets, cut, reverse,
-                                 opts.unroll, readout)
+                                 opts.unroll, readout, one_sequence_ok=not opts.vmapped)
         return final, (ys if perm is None else _take_time(ys, perm)), None
 
     def body(carry: Any, inputs: Any) -> tuple[Any, Any]:
@@ -842,7 +843,8 @@ def checked_call(
                                                  resets, dropout_key, guess)))
     opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate),
                    impl, method, tol, max_iter, damping,
-                   "ignore" if check_on_host else on_failure)
+                   "ignore" if check_on_host else on_failure,
+                   _checks.is_vmapped((params, prep.xs, prep.state0)))
     result = _call(where, jitted, cell, params, prep, seq_lengths, resets, dropout_key, guess,
                    opts, time_major)
     if check_on_host:

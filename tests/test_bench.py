@@ -124,17 +124,32 @@ def test_bars_compare_like_with_like_and_report_the_numpy_loop_beside():
     assert bars[("gru", "forward_vs_fastest_peer")]["passes"] is True  # 66 / 60
 
 
-def test_interleaved_sampling_rotates_which_call_goes_first():
-    """Every call is sampled once per round, and each round starts one call further on,
-    so that no implementation always follows the same one (PyTorch's spinning threads)."""
-    from jax_rnn._bench import _sample_interleaved
+@pytest.mark.parametrize("n", [1, 2, 3, 6, 7, 8])
+def test_round_orders_balance_who_follows_whom(n):
+    """Over a full cycle of rounds every call comes first equally often and directly
+    follows every other call equally often (so none always follows PyTorch's)."""
+    from collections import Counter
 
-    order: list[str] = []
-    calls = [((lambda name=name: order.append(name)), 2) for name in "abc"]
-    times = _sample_interleaved(calls, repeats=4, budget=1e9)
-    assert [len(t) for t in times] == [4, 4, 4]
-    rounds = ["".join(order[k:k + 6:2]) for k in range(0, 24, 6)]  # 2 calls per sample
-    assert rounds == ["abc", "bca", "cab", "abc"]
+    from jax_rnn._bench import _round_orders
+
+    orders = _round_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    assert len(set(Counter(order[0] for order in orders).values())) == 1
+    pairs = Counter((a, b) for order in orders for a, b in zip(order[:-1], order[1:], strict=True))
+    if n > 1:
+        assert set(pairs) == {(a, b) for a in range(n) for b in range(n) if a != b}
+        assert len(set(pairs.values())) == 1
+
+
+def test_interleaved_sampling_follows_the_round_orders():
+    from jax_rnn._bench import _round_orders, _sample_interleaved
+
+    order: list[int] = []
+    calls = [((lambda k=k: order.append(k)), 2) for k in range(4)]
+    times = _sample_interleaved(calls, repeats=5, budget=1e9)
+    assert [len(t) for t in times] == [5, 5, 5, 5]
+    expected = [k for r in range(5) for k in _round_orders(4)[r % 4] for _ in range(2)]
+    assert order == expected
 
 
 def test_unknown_config_is_an_error(tmp_path):

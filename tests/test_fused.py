@@ -192,3 +192,27 @@ def test_compact_lstm_path_equals_scan(batch, hidden, t, reverse, readout, dtype
     for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
         assert a.dtype == b.dtype == dtype
         np.testing.assert_allclose(a, b, **tol[dtype])
+
+
+def test_compact_lstm_path_is_not_taken_under_vmap(monkeypatch):
+    """Under a vmap around unroll every example looks like one sequence, but the batch
+    runs as many rows, where the compact path is the slower one: the general fused path
+    runs instead (per-example gradients still equal plain autodiff's)."""
+    taken = []
+    compact_forward = jax_rnn._fused._lstm_compact_forward
+    monkeypatch.setattr(jax_rnn._fused, "_lstm_compact_forward",
+                        lambda *a: taken.append(1) or compact_forward(*a))
+    params = jax_rnn.lstm.init(jax.random.key(5), 3, 4, None, dtype=np.float64)
+    xs = np.random.default_rng(5).normal(size=(6, 3, 3))  # 3 examples on axis 1
+
+    def per_example(impl, p, x):
+        return jax.grad(lambda p: jnp.sum(jnp.sin(
+            jax_rnn.unroll(jax_rnn.lstm, p, x, impl=impl)[1].output)))(p)
+
+    fused = jax.vmap(lambda x: per_example("fused", params, x), in_axes=1)(xs)
+    assert not taken
+    scan = jax.vmap(lambda x: per_example("scan", params, x), in_axes=1)(xs)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    per_example("fused", params, xs[:, 0])  # one example outside vmap: compact
+    assert taken
