@@ -335,8 +335,7 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
                              axis=-1)
     # [d c, d c, d c, d h] * coefficients, built by broadcasting over the four gates rather
     # than by concatenating: XLA's CPU backend runs a concatenate as an operation of its own.
-    from_c = jnp.array([1, 1, 1, 0], packed.dtype)[:, None]
-    into_g = jnp.array([0, 0, 1, 0], packed.dtype)[:, None]
+    lane = jnp.arange(4)[:, None]  # selects, not 0/1 factors: 0 * inf would be nan
     w_t = w.T
 
     def body(d_carry: LSTMState, row: Array) -> tuple[LSTMState, Array]:
@@ -344,8 +343,8 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
         coef = row[..., 4 * hidden:].reshape(row.shape[:-1] + (4, hidden))
         d_h = d_carry.h + d_s
         d_c = d_carry.c + d_h * slope
-        d_a = ((from_c * d_c[..., None, :] + (1 - from_c) * d_h[..., None, :]) * coef
-               + into_g * d_p[..., None, :])
+        d_a = jnp.where(lane == 3, d_h[..., None, :], d_c[..., None, :]) * coef
+        d_a = jnp.where(lane == 2, d_a + d_p[..., None, :], d_a)
         d_a = d_a.reshape(d_a.shape[:-2] + (4 * hidden,))
         return LSTMState(d_a @ w_t, d_c * f_t), d_a
 

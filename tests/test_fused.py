@@ -216,3 +216,22 @@ def test_compact_lstm_path_is_not_taken_under_vmap(monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
     per_example("fused", params, xs[:, 0])  # one example outside vmap: compact
     assert taken
+
+
+def test_compact_lstm_path_keeps_an_infinite_cotangent_in_its_gate():
+    """An infinite cotangent of one pre-activation reaches that gate's gradient only, as
+    in plain autodiff: the compact backward selects gates rather than multiplying by 0/1
+    (0 * inf would put nan into the other gates)."""
+    params = jax_rnn.lstm.init(jax.random.key(6), 2, 3, None, dtype=np.float64)
+    xs = np.random.default_rng(6).normal(size=(1, 2))  # one step, one sequence: compact
+
+    def grads(impl):
+        def pre(p):
+            return jax_rnn.unroll(jax_rnn.lstm, p, xs, impl=impl)[1].pre_activation
+        out, vjp = jax.vjp(pre, params)
+        return vjp(jnp.zeros_like(out).at[0, 0].set(jnp.inf))[0]
+
+    fused, scan = grads("fused"), grads("scan")
+    np.testing.assert_array_equal(fused.b_cell_input, scan.b_cell_input)
+    np.testing.assert_array_equal(fused.w_cell_input, scan.w_cell_input)
+    assert np.isinf(fused.b_cell_input[6]) and np.isfinite(np.delete(fused.b_cell_input, 6)).all()
