@@ -30,12 +30,13 @@ transposed once outside it (XLA's CPU backend is slower with a transposed operan
 computes the elementwise part inside it: reading the saved gates costs less memory
 traffic than a precomputed array of derivatives would.
 
-One LSTM sequence of hidden size at most 64 on a CPU (no masked, reset or cut steps)
-takes a compact path instead, because there XLA's per-operation cost is most of each
-step: its loops run 8 operations each (the most that XLA's CPU runtime executes one
-after another without dataflow scheduling), keeping the gates and cell states
-in the forward loop and precomputing every derivative coefficient for the backward loop
-(see the comment above ``_compact_lstm``).
+One LSTM (GRU) sequence of hidden size at most 64 (32) on a CPU (no masked, reset or
+cut steps) takes a compact path instead, because there XLA's per-operation cost is most of
+each step: its loops run at most 8 operations each (the most that XLA's CPU runtime
+executes one after another without dataflow scheduling). The LSTM's keeps the gates and
+cell states in the forward loop and precomputes every derivative coefficient for the
+backward loop; the GRU's forward loop does one product per step and keeps one array of
+gates, and its backward loop is the general one (see the comment above ``_compact``).
 
 Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``: use
 ``unroll(..., impl="scan")`` for it (reverse-over-reverse works on both).
@@ -244,20 +245,20 @@ def _lstm_step_back(w_t: Array, inputs: Any, d_new: LSTMState) -> tuple[Array, L
     return d_a, LSTMState(d_a @ w_t, d_c * f)
 
 
-# The compact LSTM path for one sequence of a small hidden size. XLA's CPU runtime runs a
+# The compact paths for one sequence of a small hidden size. XLA's CPU runtime runs a
 # loop body's operations one after another only while the body has at most 8 of them
 # (``ThunkExecutor``'s ``execute_sequential_num_thunks_threshold``); past that it
 # schedules them as a dataflow graph, which costs more per operation. With one row per
 # step the matrix products are matrix-vector products and that overhead is most of the
-# step: the general path's loops have 19 (forward) and 12 (backward) operations. Here the
-# forward loop keeps only the gates (one array) and the cell states (8 operations);
-# the public outputs and every derivative coefficient are computed after it for all steps
-# at once and packed into one array, so that the backward loop reads one slice and runs 8
-# operations. The packed array costs 8 floats per hidden unit and step: with more rows
-# per step, or a hidden size above 64, the extra memory traffic costs more than the
-# operations saved (docs/performance.md), and the general path is used.
-
-_COMPACT_MAX_HIDDEN = 64
+# step: the general path's LSTM loops have 19 (forward) and 12 (backward) operations, its
+# GRU forward loop 15. The compact LSTM forward loop keeps only the gates (one array) and
+# the cell states (8 operations); the public outputs and every derivative coefficient are
+# computed after it for all steps at once and packed into one array, so that the backward
+# loop reads one slice and runs 8 operations. The compact GRU forward loop does one
+# product per step and keeps one array of gates (7 operations); its backward loop is the
+# general one (7). With more rows per step, or a hidden size above 64 (LSTM) or 32 (GRU),
+# the extra memory traffic (and the GRU's product with a zero block) costs as much as or
+# more than the operations saved (docs/performance.md), and the general path is used.
 
 
 class CompactTape(NamedTuple):
@@ -282,15 +283,15 @@ def _lstm_gates(a: Array) -> tuple[Array, Array, Array, Array]:
     return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
-def _compact_lstm(fc: FusedCell, xs: Array, carry0: Any, masks: tuple[Any, ...]) -> bool:
-    """Whether the compact LSTM path applies: an LSTM on a CPU without masked, reset or
-    cut steps, with one row per step and a hidden size of at most 64."""
-    if fc is not _LSTM or any(m is not None for m in masks) or not _project_per_step():
+def _compact(fc: FusedCell, xs: Array, carry0: Any, masks: tuple[Any, ...]) -> bool:
+    """Whether a compact path applies: an LSTM (GRU) on a CPU without masked, reset or
+    cut steps, with one row per step and a hidden size of at most 64 (32)."""
+    if fc not in (_LSTM, _GRU) or any(m is not None for m in masks) or not _project_per_step():
         return False
-    h = carry0.h
+    h = fc.hidden(carry0)
     hidden = h.shape[-1]
     return (h.shape[:-1] == xs.shape[1:-1] and h.size == hidden
-            and hidden <= _COMPACT_MAX_HIDDEN)
+            and hidden <= (64 if fc is _LSTM else 32))
 
 
 def _lstm_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: Array | None,
@@ -363,16 +364,57 @@ _LSTM = FusedCell(
     additive=True,
 )
 
+def _gru_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: Array | None,
+                         w: Array, b: Array | None, xs: Array, carry0: Array,
+                         ) -> tuple[Array, Tape]:
+    """The compact GRU path's forward pass: ``(final, tape)`` for the general backward.
+
+    One product per step, ``[x, h] @ [[w_in, 0], [w_rz, 0, w_n]]``, gives ``[x_r + h_r,
+    x_z + h_z, x_n, h_n]``; the loop keeps ``[s(.), s(.), x_n, h_n]`` of it and the
+    outputs (7 operations; the general forward loop has 15), and the gates the backward
+    pass reads are rebuilt after the loop for all steps at once.
+    """
+    hidden = w.shape[0]
+    dtype = jnp.result_type(w_in, w)
+    block = jnp.concatenate([
+        jnp.concatenate([w_in, jnp.zeros((w_in.shape[0], hidden), w_in.dtype)], axis=1),
+        jnp.concatenate([w[:, :2 * hidden], jnp.zeros((hidden, hidden), w.dtype),
+                         w[:, 2 * hidden:]], axis=1),
+    ], axis=0).astype(dtype)
+    zeros = jnp.zeros((hidden,), dtype)
+    bias = _sum_biases(
+        None if b_in is None else jnp.concatenate([b_in, zeros]),
+        None if b is None else jnp.concatenate([b[:2 * hidden], zeros, b[2 * hidden:]]))
+    lane = jnp.arange(4)[:, None]  # r, z, x_n, h_n of a (..., 4, H) view
+
+    def body(h: Array, x: Array) -> tuple[Array, tuple[Array, Array]]:
+        a = _project(jnp.concatenate([x, h], axis=-1), block, bias)
+        a4 = a.reshape(a.shape[:-1] + (4, hidden))
+        r, z = jax.nn.sigmoid(a4[..., 0, :]), jax.nn.sigmoid(a4[..., 1, :])
+        n = jnp.tanh(a4[..., 2, :] + r * a4[..., 3, :])
+        new = (1.0 - z) * n + z * h
+        kept = jnp.where(lane < 2, jax.nn.sigmoid(a4), a4).reshape(a.shape)
+        return new, (kept, new)
+
+    final, (kept, state) = jax.lax.scan(body, carry0, xs, reverse=reverse, unroll=unroll)
+    r, z, x_n, h_n = jnp.split(kept, 4, axis=-1)
+    pre = x_n + r * h_n
+    tape = Tape(_previous(state, carry0, None, reverse), pre, state, (r, z, jnp.tanh(pre), h_n))
+    return final, tape
+
+
+_GRU = FusedCell(
+    input_bias=lambda p: p.b_cell_input,
+    recurrent_bias=lambda p: p.b_cell_state,
+    pointwise=_gru_pointwise,
+    hidden=_ident,
+    prepare=_gru_prepare,
+    step_back=_gru_step_back,
+    gate_grads=_gru_gate_grads,
+)
+
 _GATED = {
-    gru_step: (GRUParams, FusedCell(
-        input_bias=lambda p: p.b_cell_input,
-        recurrent_bias=lambda p: p.b_cell_state,
-        pointwise=_gru_pointwise,
-        hidden=_ident,
-        prepare=_gru_prepare,
-        step_back=_gru_step_back,
-        gate_grads=_gru_gate_grads,
-    )),
+    gru_step: (GRUParams, _GRU),
     lstm_step: (LSTMParams, _LSTM),
 }
 
@@ -460,8 +502,8 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
                      cut: Array | None) -> tuple[Any, Array, Array]:
     """Runs the cell over ``xs``: ``(final, pre_activations, states)``.
 
-    ``compact`` lets the differentiated call take the compact LSTM path where
-    ``_compact_lstm`` allows it. ``w_in, b_in`` project the inputs, ``w, b`` the state.
+    ``compact`` lets the differentiated call take a compact path where ``_compact``
+    allows it. ``w_in, b_in`` project the inputs, ``w, b`` the state.
     ``valid`` masks steps past each
     sequence's end, ``resets`` restarts carries from ``carry0`` and ``cut`` stops
     gradients through the carry (truncated BPTT); each is ``(T, *batch)`` or ``None``.
@@ -484,9 +526,13 @@ def _project_per_step() -> bool:
 
 
 def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
-    if compact and _compact_lstm(fc, xs, carry0, (valid, resets, cut)):
-        final, tape = _lstm_compact_forward(reverse, unroll, w_in, b_in, w, xs, carry0)
-        pre = jnp.split(tape.gates, 4, axis=-1)[2]
+    if compact and _compact(fc, xs, carry0, (valid, resets, cut)):
+        if fc is _LSTM:
+            final, tape = _lstm_compact_forward(reverse, unroll, w_in, b_in, w, xs, carry0)
+            pre = jnp.split(tape.gates, 4, axis=-1)[2]
+        else:
+            final, tape = _gru_compact_forward(reverse, unroll, w_in, b_in, w, b, xs, carry0)
+            pre = tape.pre
         res = (w_in, b_in, w, b, xs, valid, resets, cut, tape)
         return (final, pre, tape.state), res
     if _project_per_step():
@@ -582,7 +628,7 @@ def fused_unroll(
     """``(final, StepOutput)`` of a built-in cell over ``xs``, by the fused path.
 
     ``one_sequence_ok=False`` (the call is batched by a :func:`jax.vmap` around it) rules
-    out the compact LSTM path, which is slower than the general one for many rows.
+    out the compact paths, which are slower than the general one for many rows.
     """
     from ._types import StepOutput
 

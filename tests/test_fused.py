@@ -160,54 +160,72 @@ def test_bad_impl():
         jax_rnn.unroll(jax_rnn.elman, params, np.ones((3, 1)), impl="cudnn")
 
 
-@pytest.mark.parametrize(("batch", "hidden", "t", "reverse", "readout", "dtype", "compact"), [
-    ((), 4, 9, False, 2, np.float64, True),
-    ((1,), 4, 7, True, None, np.float64, True),
-    ((1,), 64, 3, False, None, np.float64, True),  # the largest hidden size it takes
-    ((), 3, 1, True, 2, np.float32, True),
-    ((1,), 5, 2, False, None, np.float32, True),
-    ((1,), 65, 3, False, None, np.float64, False),  # too wide: the general path
-    ((2,), 4, 5, False, None, np.float64, False),  # more than one row per step
+def _spy_compact(monkeypatch) -> list[str]:
+    """Records which compact forward passes run."""
+    taken: list[str] = []
+    for name in ("_lstm_compact_forward", "_gru_compact_forward"):
+        fn = getattr(jax_rnn._fused, name)
+        monkeypatch.setattr(jax_rnn._fused, name,
+                            lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
+    return taken
+
+
+@pytest.mark.parametrize(("cell", "batch", "hidden", "t", "reverse", "readout", "dtype", "drop",
+                          "compact"), [
+    ("lstm", (), 4, 9, False, 2, np.float64, None, True),
+    ("lstm", (1,), 4, 7, True, None, np.float64, "b_cell_state", True),
+    ("lstm", (1,), 64, 3, False, None, np.float64, None, True),  # the widest it takes
+    ("lstm", (), 3, 1, True, 2, np.float32, None, True),
+    ("lstm", (1,), 5, 2, False, None, np.float32, None, True),
+    ("lstm", (1,), 65, 3, False, None, np.float64, None, False),  # too wide: general path
+    ("lstm", (2,), 4, 5, False, None, np.float64, None, False),  # more than one row a step
+    ("gru", (), 4, 9, False, 2, np.float64, None, True),
+    ("gru", (1,), 4, 7, True, None, np.float64, "b_cell_state", True),
+    ("gru", (), 5, 4, False, None, np.float64, "b_cell_input", True),
+    ("gru", (1,), 32, 3, True, None, np.float64, None, True),  # the widest it takes
+    ("gru", (), 3, 1, False, 2, np.float32, None, True),
+    ("gru", (1,), 33, 3, False, None, np.float64, None, False),
+    ("gru", (2,), 4, 5, False, None, np.float64, None, False),
 ])
-def test_compact_lstm_path_equals_scan(batch, hidden, t, reverse, readout, dtype, compact,
-                                       monkeypatch):
-    """The LSTM's compact path (one row per step, hidden size <= 64 on CPUs) against plain
-    autodiff through scan: outputs, pre-activations, final carry and every gradient, with
-    a loss that gives each of them a cotangent; and it is taken exactly where it should be."""
-    taken = []
-    compact_forward = jax_rnn._fused._lstm_compact_forward
-    monkeypatch.setattr(jax_rnn._fused, "_lstm_compact_forward",
-                        lambda *a: taken.append(1) or compact_forward(*a))
-    params = jax_rnn.lstm.init(jax.random.key(hidden + t), 3, hidden, readout, dtype=dtype)
+def test_compact_paths_equal_scan(cell, batch, hidden, t, reverse, readout, dtype, drop, compact,
+                                  monkeypatch):
+    """The LSTM's and GRU's compact paths (one row per step, small hidden size, CPUs)
+    against plain autodiff through scan: outputs, pre-activations, final carry and every
+    gradient, with a loss that gives each of them a cotangent (and params without one of
+    the biases); and each path is taken exactly where it should be."""
+    taken = _spy_compact(monkeypatch)
+    model = getattr(jax_rnn, cell)
+    params = model.init(jax.random.key(hidden + t), 3, hidden, readout, dtype=dtype)
+    if drop is not None:
+        params = params._replace(**{drop: None})
     rng = np.random.default_rng(t)
     xs = rng.normal(size=(t, *batch, 3)).astype(dtype)
     state0 = jax.tree.map(lambda a: (a + rng.normal(size=a.shape)).astype(dtype),
-                          jax_rnn.lstm.initial_state(params, batch))
+                          model.initial_state(params, batch))
     grad = jax.jit(jax.value_and_grad(_loss, argnums=(1, 2, 3)), static_argnums=(0, 4),
                    static_argnames="reverse")
-    fused = grad(jax_rnn.lstm, params, xs, state0, "fused", reverse=reverse)
-    assert bool(taken) == compact
-    scan = grad(jax_rnn.lstm, params, xs, state0, "scan", reverse=reverse)
+    fused = grad(model, params, xs, state0, "fused", reverse=reverse)
+    assert taken == ([f"_{cell}_compact_forward"] if compact else [])
+    scan = grad(model, params, xs, state0, "scan", reverse=reverse)
     tol = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5)}
     for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
         assert a.dtype == b.dtype == dtype
         np.testing.assert_allclose(a, b, **tol[dtype])
 
 
-def test_compact_lstm_path_is_not_taken_under_vmap(monkeypatch):
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_compact_paths_are_not_taken_under_vmap(cell, monkeypatch):
     """Under a vmap around unroll every example looks like one sequence, but the batch
-    runs as many rows, where the compact path is the slower one: the general fused path
+    runs as many rows, where a compact path is the slower one: the general fused path
     runs instead (per-example gradients still equal plain autodiff's)."""
-    taken = []
-    compact_forward = jax_rnn._fused._lstm_compact_forward
-    monkeypatch.setattr(jax_rnn._fused, "_lstm_compact_forward",
-                        lambda *a: taken.append(1) or compact_forward(*a))
-    params = jax_rnn.lstm.init(jax.random.key(5), 3, 4, None, dtype=np.float64)
+    taken = _spy_compact(monkeypatch)
+    model = getattr(jax_rnn, cell)
+    params = model.init(jax.random.key(5), 3, 4, None, dtype=np.float64)
     xs = np.random.default_rng(5).normal(size=(6, 3, 3))  # 3 examples on axis 1
 
     def per_example(impl, p, x):
         return jax.grad(lambda p: jnp.sum(jnp.sin(
-            jax_rnn.unroll(jax_rnn.lstm, p, x, impl=impl)[1].output)))(p)
+            jax_rnn.unroll(model, p, x, impl=impl)[1].output)))(p)
 
     fused = jax.vmap(lambda x: per_example("fused", params, x), in_axes=1)(xs)
     assert not taken
