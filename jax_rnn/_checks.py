@@ -30,8 +30,9 @@ def is_vmapped(tree: Any) -> bool:
 
     Looks through the tracers of the transformations applied inside the vmap (grad's
     primal, vmap's value) for one that carries a batch dimension. A vmap outside a
-    :func:`jax.jit` that traces this call is invisible here: the jit traces its function
-    once per example. Used only to choose between equivalent code paths.
+    transformation that traces this call into a jaxpr (:func:`jax.jit`,
+    :func:`jax.checkpoint`, a scan's body) is invisible here: the function is traced once
+    per example there. Used only to choose between equivalent code paths.
     """
     for leaf in jax.tree.leaves(tree):
         value = leaf

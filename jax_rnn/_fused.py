@@ -33,7 +33,7 @@ traffic than a precomputed array of derivatives would.
 One LSTM (GRU) sequence of hidden size at most 64 (32) on a CPU (no masked, reset or
 cut steps) takes a compact path instead, because there XLA's per-operation cost is most of
 each step: its loops run at most 8 operations each (the most that XLA's CPU runtime
-executes one after another without dataflow scheduling). The LSTM's keeps the gates and
+executes one after another without dataflow scheduling). The LSTM's path keeps the gates and
 cell states in the forward loop and precomputes every derivative coefficient for the
 backward loop; the GRU's forward loop does one product per step and keeps one array of
 gates, and its backward loop is the general one (see the comment above ``_compact``).

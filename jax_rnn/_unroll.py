@@ -844,7 +844,7 @@ def checked_call(
     opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate),
                    impl, method, tol, max_iter, damping,
                    "ignore" if check_on_host else on_failure,
-                   _checks.is_vmapped((params, prep.xs, prep.state0)))
+                   _checks.is_vmapped((params, prep.xs, prep.state0, dropout_key)))
     result = _call(where, jitted, cell, params, prep, seq_lengths, resets, dropout_key, guess,
                    opts, time_major)
     if check_on_host:
