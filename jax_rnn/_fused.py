@@ -93,6 +93,10 @@ class FusedCell(NamedTuple):
         additive: ``pointwise`` uses ``gx`` and ``gh`` only through ``gx + gh`` (Elman,
             LSTM), so a step that projects its own input can compute both with one
             matrix product, ``[x, h] @ [w_cell_input; w_cell_state]``.
+        compact_forward: ``(reverse, unroll, w_in, b_in, w, b, xs, carry0) -> (final,
+            pre, tape)``, the differentiated forward pass for one sequence of a small
+            hidden size on a CPU (see ``_compact``), or ``None``.
+        compact_max_hidden: the widest hidden size ``compact_forward`` is used for.
     """
 
     input_bias: Callable[[Any], Array | None]
@@ -103,6 +107,8 @@ class FusedCell(NamedTuple):
     step_back: Callable[[Array, Any, Any], tuple[Any, Any]]
     gate_grads: Callable[[Any, Tape], tuple[Array, Array]]
     additive: bool = False
+    compact_forward: Callable[..., tuple[Any, Array, Any]] | None = None
+    compact_max_hidden: int = 0
 
 
 def _sum_biases(*biases: Array | None) -> Array | None:
@@ -223,12 +229,18 @@ def _gru_gate_grads(d_gx: Array, tape: Tape) -> tuple[Array, Array]:
 # LSTM: [i, f, g, o] = gx + gh, c' = s(f) * c + s(i) * tanh(g), h' = s(o) * tanh(c').
 
 
+def _lstm_gates(a: Array) -> tuple[Array, Array, Array, Array]:
+    """``(s(i), s(f), tanh(g), s(o))`` of the pre-activations ``a = [i, f, g, o]``."""
+    i, f, g, o = jnp.split(a, 4, axis=-1)
+    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+
+
 def _lstm_pointwise(gx: Array, gh: Array, carry: LSTMState) -> tuple[LSTMState, Array, Any]:
-    i, f, g, o = jnp.split(gx + gh, 4, axis=-1)
-    i, f, tg, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+    a = gx + gh
+    i, f, tg, o = _lstm_gates(a)
     c = f * carry.c + i * tg
     tc = jnp.tanh(c)
-    return LSTMState(o * tc, c), g, (i, f, tg, o, tc, carry.c)
+    return LSTMState(o * tc, c), jnp.split(a, 4, axis=-1)[2], (i, f, tg, o, tc, carry.c)
 
 
 def _lstm_prepare(tape: Tape, d_pre: Array, d_state: Array) -> Any:
@@ -278,25 +290,26 @@ class CompactTape(NamedTuple):
     state: Array
 
 
-def _lstm_gates(a: Array) -> tuple[Array, Array, Array, Array]:
-    i, f, g, o = jnp.split(a, 4, axis=-1)
-    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
-
-
-def _compact(fc: FusedCell, xs: Array, carry0: Any, masks: tuple[Any, ...]) -> bool:
-    """Whether a compact path applies: an LSTM (GRU) on a CPU without masked, reset or
-    cut steps, with one row per step and a hidden size of at most 64 (32)."""
-    if fc not in (_LSTM, _GRU) or any(m is not None for m in masks) or not _project_per_step():
-        return False
+def _compact(fc: FusedCell, xs: Array, carry0: Any,
+             masks: tuple[Any, ...]) -> Callable[..., tuple[Any, Array, Any]] | None:
+    """``fc``'s compact forward pass where it applies (on a CPU, without masked, reset or
+    cut steps, with one row per step and a hidden size of at most its
+    ``compact_max_hidden``), else ``None``."""
+    if (fc.compact_forward is None or any(m is not None for m in masks)
+            or not _project_per_step()):
+        return None
     h = fc.hidden(carry0)
     hidden = h.shape[-1]
-    return (h.shape[:-1] == xs.shape[1:-1] and h.size == hidden
-            and hidden <= (64 if fc is _LSTM else 32))
+    one_small_row = (h.shape[:-1] == xs.shape[1:-1] and h.size == hidden
+                     and hidden <= fc.compact_max_hidden)
+    return fc.compact_forward if one_small_row else None
 
 
 def _lstm_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: Array | None,
-                          w: Array, xs: Array, carry0: LSTMState,
-                          ) -> tuple[LSTMState, CompactTape]:
+                          w: Array, b: None, xs: Array, carry0: LSTMState,
+                          ) -> tuple[LSTMState, Array, CompactTape]:
+    """The compact LSTM path's forward pass: ``(final, pre, tape)``. (``b`` is ``None``:
+    the LSTM's recurrent bias is part of ``b_in``.)"""
     stacked = jnp.concatenate([w_in, w], axis=0)
     lane = jnp.arange(4)[:, None]  # the gates i, f, g, o of a (..., 4, H) view
 
@@ -312,7 +325,7 @@ def _lstm_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: 
 
     final, (gates, c) = jax.lax.scan(body, carry0, xs, reverse=reverse, unroll=unroll)
     state = jnp.split(gates, 4, axis=-1)[3] * jnp.tanh(c)
-    return final, CompactTape(carry0, gates, c, state)
+    return final, jnp.split(gates, 4, axis=-1)[2], CompactTape(carry0, gates, c, state)
 
 
 def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: CompactTape,
@@ -362,12 +375,16 @@ _LSTM = FusedCell(
     step_back=_lstm_step_back,
     gate_grads=_same,
     additive=True,
+    compact_forward=_lstm_compact_forward,
+    compact_max_hidden=64,
 )
+
 
 def _gru_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: Array | None,
                          w: Array, b: Array | None, xs: Array, carry0: Array,
-                         ) -> tuple[Array, Tape]:
-    """The compact GRU path's forward pass: ``(final, tape)`` for the general backward.
+                         ) -> tuple[Array, Array, Tape]:
+    """The compact GRU path's forward pass: ``(final, pre, tape)``, the tape for the
+    general backward.
 
     One product per step, ``[x, h] @ [[w_in, 0], [w_rz, 0, w_n]]``, gives ``[x_r + h_r,
     x_z + h_z, x_n, h_n]``; the loop keeps ``[s(.), s(.), x_n, h_n]`` of it and the
@@ -400,7 +417,7 @@ def _gru_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: A
     r, z, x_n, h_n = jnp.split(kept, 4, axis=-1)
     pre = x_n + r * h_n
     tape = Tape(_previous(state, carry0, None, reverse), pre, state, (r, z, jnp.tanh(pre), h_n))
-    return final, tape
+    return final, pre, tape
 
 
 _GRU = FusedCell(
@@ -411,6 +428,8 @@ _GRU = FusedCell(
     prepare=_gru_prepare,
     step_back=_gru_step_back,
     gate_grads=_gru_gate_grads,
+    compact_forward=_gru_compact_forward,
+    compact_max_hidden=32,
 )
 
 _GATED = {
@@ -503,10 +522,10 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
     """Runs the cell over ``xs``: ``(final, pre_activations, states)``.
 
     ``compact`` lets the differentiated call take a compact path where ``_compact``
-    allows it. ``w_in, b_in`` project the inputs, ``w, b`` the state.
-    ``valid`` masks steps past each
-    sequence's end, ``resets`` restarts carries from ``carry0`` and ``cut`` stops
-    gradients through the carry (truncated BPTT); each is ``(T, *batch)`` or ``None``.
+    allows it. ``w_in, b_in`` project the inputs, ``w, b`` the state. ``valid`` masks
+    steps past each sequence's end, ``resets`` restarts carries from ``carry0`` and
+    ``cut`` stops gradients through the carry (truncated BPTT); each is ``(T, *batch)``
+    or ``None``.
     Evaluated without differentiation it is a plain loop; differentiated, the forward
     pass hoists the input projection and the backward pass is fused (module docstring).
     """
@@ -526,13 +545,9 @@ def _project_per_step() -> bool:
 
 
 def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
-    if compact and _compact(fc, xs, carry0, (valid, resets, cut)):
-        if fc is _LSTM:
-            final, tape = _lstm_compact_forward(reverse, unroll, w_in, b_in, w, xs, carry0)
-            pre = jnp.split(tape.gates, 4, axis=-1)[2]
-        else:
-            final, tape = _gru_compact_forward(reverse, unroll, w_in, b_in, w, b, xs, carry0)
-            pre = tape.pre
+    compact_forward = _compact(fc, xs, carry0, (valid, resets, cut)) if compact else None
+    if compact_forward is not None:
+        final, pre, tape = compact_forward(reverse, unroll, w_in, b_in, w, b, xs, carry0)
         res = (w_in, b_in, w, b, xs, valid, resets, cut, tape)
         return (final, pre, tape.state), res
     if _project_per_step():

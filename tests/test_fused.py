@@ -163,10 +163,11 @@ def test_bad_impl():
 def _spy_compact(monkeypatch) -> list[str]:
     """Records which compact forward passes run."""
     taken: list[str] = []
-    for name in ("_lstm_compact_forward", "_gru_compact_forward"):
-        fn = getattr(jax_rnn._fused, name)
-        monkeypatch.setattr(jax_rnn._fused, name,
-                            lambda *a, fn=fn, name=name: taken.append(name) or fn(*a))
+    for step, (params_type, fc) in list(jax_rnn._fused._GATED.items()):
+        fn = fc.compact_forward
+        spy = (lambda *a, fn=fn: taken.append(fn.__name__) or fn(*a))
+        monkeypatch.setitem(jax_rnn._fused._GATED, step,
+                            (params_type, fc._replace(compact_forward=spy)))
     return taken
 
 
