@@ -410,6 +410,8 @@ def _gru_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: A
         r, z = jax.nn.sigmoid(a4[..., 0, :]), jax.nn.sigmoid(a4[..., 1, :])
         n = jnp.tanh(a4[..., 2, :] + r * a4[..., 3, :])
         new = (1.0 - z) * n + z * h
+        # The sigmoids again rather than r, z taken from `kept`: XLA fuses them into the
+        # store, and reusing them added an operation to the loop (8) for no gain.
         kept = jnp.where(lane < 2, jax.nn.sigmoid(a4), a4).reshape(a.shape)
         return new, (kept, new)
 
