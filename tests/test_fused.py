@@ -164,8 +164,10 @@ def _spy_compact(monkeypatch) -> list[str]:
     """Records which compact forward passes run."""
     taken: list[str] = []
     for step, (params_type, fc) in list(jax_rnn._fused._GATED.items()):
-        fn = fc.compact_forward
-        spy = (lambda *a, fn=fn: taken.append(fn.__name__) or fn(*a))
+        def spy(*a, fn=fc.compact_forward):
+            taken.append(fn.__name__)
+            return fn(*a)
+
         monkeypatch.setitem(jax_rnn._fused._GATED, step,
                             (params_type, fc._replace(compact_forward=spy)))
     return taken
