@@ -14,21 +14,26 @@ Here, as in cuDNN,
    gates run sequentially;
 3. a :func:`jax.custom_vjp` backward whose sequential loop carries only the state
    gradients; ``d w_cell_state = sum_t h_{t-1}^T d gh_t`` is one contraction afterwards.
+   On CPUs, where the steps' tape is large, the backward pass runs over chunks of
+   consecutive steps instead, each a loop followed by its own contractions, so that the
+   chunk's gate gradients are still in the cache when the contractions read them
+   (``_by_chunks``).
 
 Each cell is split into its recurrent matrix product and a ``pointwise`` part
 ``(gx_t, gh_t, carry) -> (carry, pre_activation, gates)``. The differentiated forward
 loop keeps the activated ``gates`` (sigmoids and tanhs) of every step, and each cell's
 hand-written ``step_back`` turns them into the step's gradients with multiplications and
-additions only: no activation is evaluated again and no :func:`jax.vjp` is traced per
-step. The derivatives of tanh, sigmoid and relu follow from their outputs (``1 - h^2``,
-``h (1 - h)``, ``h > 0``), so an Elman cell with one of these keeps nothing beyond its
-outputs; any other Elman activation (``make_elman``) is differentiated with
-:func:`jax.vjp` at each step, which is right whether or not it acts elementwise. Without
-masked steps, each step's input state is the previous step's output, rebuilt after the
-loop instead of kept per step. The backward loop multiplies by ``w_cell_state.T``
-transposed once outside it (XLA's CPU backend is slower with a transposed operand), and
-computes the elementwise part inside it: reading the saved gates costs less memory
-traffic than a precomputed array of derivatives would.
+additions (the LSTM's evaluates ``tanh(g)`` and ``tanh(c')`` again rather than keeping two
+more arrays per step): no :func:`jax.vjp` is traced per step. The derivatives of tanh,
+sigmoid and relu follow from their outputs (``1 - h^2``, ``h (1 - h)``, ``h > 0``), so an
+Elman cell with one of these keeps nothing beyond its outputs; any other Elman activation
+(``make_elman``) is differentiated with :func:`jax.vjp` at each step, which is right
+whether or not it acts elementwise. Without masked steps, each step's input state is the
+previous step's output, rebuilt by the backward pass instead of kept per step. The
+backward loop multiplies by ``w_cell_state.T`` transposed once outside it (XLA's CPU
+backend is slower with a transposed operand), and computes the elementwise part inside
+it: reading the saved gates costs less memory traffic than a precomputed array of
+derivatives would.
 
 One LSTM (GRU) sequence of hidden size at most 64 (32) on a CPU (no masked, reset or
 cut steps) takes a compact path instead, because there XLA's per-operation cost is most of
@@ -45,11 +50,13 @@ Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 from ._elman import ElmanParams
@@ -64,7 +71,8 @@ class Tape(NamedTuple):
     """What the differentiated forward pass keeps for the backward pass, stacked over time.
 
     Attributes:
-        h_in: each step's input hidden state (after any reset).
+        h_in: each step's input hidden state (after any reset), or ``None`` where no
+            step is masked: the backward pass then rebuilds it from ``state``.
         pre: the public pre-activations (zero at masked steps).
         state: the public states (zero at masked steps).
         gates: the cell's activations, the third result of its ``pointwise``.
@@ -86,10 +94,11 @@ class FusedCell(NamedTuple):
         pointwise: ``(gx, gh, c) -> (c', pre, gates)``, the elementwise part of a step;
             ``gates`` are the activations that the backward pass reuses.
         hidden: the ``h`` part of a carry.
-        prepare: ``(tape, d_pre, d_state) -> backward-loop inputs``, all steps at once.
+        prepare: ``(tape, d_pre, d_state) -> backward-loop inputs``, for the steps of
+            one backward loop (all, or a chunk) at once.
         step_back: ``(w.T, inputs_t, d_c') -> (d_out_t, d_c)``, one step of the backward
             loop: elementwise products and the one matrix product ``d gh @ w.T``.
-        gate_grads: ``(d_out, tape) -> (d_gx, d_gh)`` for all steps, after the loop.
+        gate_grads: ``(d_out, tape) -> (d_gx, d_gh)`` for the same steps, after the loop.
         additive: ``pointwise`` uses ``gx`` and ``gh`` only through ``gx + gh`` (Elman,
             LSTM), so a step that projects its own input can compute both with one
             matrix product, ``[x, h] @ [w_cell_input; w_cell_state]``.
@@ -239,16 +248,18 @@ def _lstm_pointwise(gx: Array, gh: Array, carry: LSTMState) -> tuple[LSTMState, 
     a = gx + gh
     i, f, tg, o = _lstm_gates(a)
     c = f * carry.c + i * tg
-    tc = jnp.tanh(c)
-    return LSTMState(o * tc, c), jnp.split(a, 4, axis=-1)[2], (i, f, tg, o, tc, carry.c)
+    return LSTMState(o * jnp.tanh(c), c), jnp.split(a, 4, axis=-1)[2], (i, f, o, carry.c)
 
 
 def _lstm_prepare(tape: Tape, d_pre: Array, d_state: Array) -> Any:
-    return tape.gates, d_pre, d_state
+    return tape.gates, tape.pre, d_pre, d_state
 
 
 def _lstm_step_back(w_t: Array, inputs: Any, d_new: LSTMState) -> tuple[Array, LSTMState]:
-    (i, f, tg, o, tc, c), d_pre, d_state = inputs
+    (i, f, o, c), g, d_pre, d_state = inputs
+    # tanh(g) and tanh(c') again rather than two more arrays kept per step
+    tg = jnp.tanh(g)
+    tc = jnp.tanh(f * c + i * tg)
     d_h = d_new.h + d_state
     d_c = d_new.c + d_h * o * (1.0 - tc * tc)
     d_a = jnp.concatenate([d_c * tg * i * (1.0 - i), d_c * c * f * (1.0 - f),
@@ -501,18 +512,19 @@ def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Arra
         # Each step's input state is the previous step's output, except after masked steps.
         return new, Tape(None if valid is None else h, pre, state, gates)
 
-    final, tape = jax.lax.scan(body, carry0, (gx, valid, resets), reverse=reverse,
-                               unroll=unroll)
-    if residuals and valid is None:
-        tape = tape._replace(h_in=_previous(tape.state, fc.hidden(carry0), resets, reverse))
-    return final, tape
+    # Without masked steps each step's input state is the previous step's output: the
+    # backward pass rebuilds it (``_previous``), chunk by chunk where it runs in chunks.
+    return jax.lax.scan(body, carry0, (gx, valid, resets), reverse=reverse, unroll=unroll)
 
 
-def _previous(state: Array, h0: Array, resets: Array | None, reverse: bool) -> Array:
-    """Each step's input state from the stacked outputs of an unmasked loop."""
-    h0 = jnp.broadcast_to(h0, state.shape[1:])[None]
-    h_in = (jnp.concatenate([state[1:], h0]) if reverse
-            else jnp.concatenate([h0, state[:-1]]))
+def _previous(state: Array, h0: Array, resets: Array | None, reverse: bool,
+              edge: Array | None = None) -> Array:
+    """Each step's input state from the stacked outputs of an unmasked loop: ``h0`` after
+    a reset, and ``edge`` (default ``h0``) before the first step in time order (the last
+    for ``reverse``)."""
+    edge = jnp.broadcast_to(h0 if edge is None else edge, state.shape[1:])[None]
+    h_in = (jnp.concatenate([state[1:], edge]) if reverse
+            else jnp.concatenate([edge, state[:-1]]))
     return h_in if resets is None else jnp.where(_bcast(resets, h_in), h0, h_in)
 
 
@@ -550,7 +562,7 @@ def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid
     compact_forward = _compact(fc, xs, carry0, (valid, resets, cut)) if compact else None
     if compact_forward is not None:
         final, pre, tape = compact_forward(reverse, unroll, w_in, b_in, w, b, xs, carry0)
-        res = (w_in, b_in, w, b, xs, valid, resets, cut, tape)
+        res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0))
         return (final, pre, tape.state), res
     if _project_per_step():
         final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
@@ -558,7 +570,7 @@ def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid
     else:
         final, tape = _forward(fc, reverse, unroll, w, b, _project(xs, w_in, b_in), carry0,
                                valid, resets)
-    res = (w_in, b_in, w, b, xs, valid, resets, cut, tape)
+    res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0))
     return (final, tape.pre, tape.state), res
 
 
@@ -575,33 +587,133 @@ def _carry_masks(resets: Array | None, cut: Array | None) -> tuple[Array | None,
 
 
 def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
-    w_in, b_in, w, b, xs, valid, resets, cut, tape = res
+    w_in, b_in, w, b, xs, valid, resets, cut, tape, h0 = res
     d_final, d_pre, d_state = cotangents
+    params = (w_in, b_in, w, b)
     if isinstance(tape, CompactTape):
         d_out, d_carry0, h_in = _lstm_compact_backward(reverse, unroll, w, tape, d_final,
                                                        d_pre, d_state)
-    else:
-        d_out, d_carry0 = _fused_loop_back(fc, reverse, unroll, w, valid, resets, cut, tape,
-                                           d_final, d_pre, d_state)
-        h_in = tape.h_in
-    d_gx, d_gh = fc.gate_grads(d_out, tape)
-    # One contraction over time and batch. tensordot keeps the batch axis intact (no
-    # reshape merging it with time), so a batch sharded across devices stays sharded and
-    # XLA reduces with one all-reduce instead of gathering every state.
-    lead = tuple(range(d_gh.ndim - 1))
-    d_w = jnp.tensordot(h_in, d_gh, axes=(lead, lead)).astype(w.dtype)
-    d_b = None if b is None else d_gh.sum(axis=lead).astype(b.dtype)
-    # The input projection's gradients, as single contractions too.
-    d_w_in = jnp.tensordot(xs, d_gx, axes=(lead, lead)).astype(w_in.dtype)
-    d_b_in = None if b_in is None else d_gx.sum(axis=lead).astype(b_in.dtype)
-    d_xs = (d_gx @ w_in.T).astype(xs.dtype)
-    return d_w_in, d_b_in, d_w, d_b, d_xs, d_carry0, None, None, None
-
-
-def _fused_loop_back(fc, reverse, unroll, w, valid, resets, cut, tape, d_final, d_pre, d_state):  # noqa: ANN001
-    """The general backward loop: ``(d_out, d_carry0)``."""
-    inputs = fc.prepare(tape, d_pre, d_state)
+        d_params, d_xs = _param_grads(fc, params, xs, tape, h_in, d_out)
+        return *_cast(d_params, params), d_xs.astype(xs.dtype), d_carry0, None, None, None
     keep, to_carry0 = _carry_masks(resets, cut)
+    steps = (tape, d_pre, d_state, valid, resets, keep, to_carry0, xs)
+    chunk = _chunk_length(tape, xs.shape[0], w_in.shape[0] + w.shape[0])
+    d_carry0 = None if resets is None else _zeros_like(d_final)
+
+    def back(carry: Any, steps_c: Any, edge: Array) -> tuple[Any, Any]:
+        """The backward pass over consecutive steps, whose first input state in time order
+        (last for ``reverse``) is ``edge``: the loop, then the contractions."""
+        tape_c, d_pre_c, d_state_c, valid_c, resets_c, keep_c, to_carry0_c, xs_c = steps_c
+        if tape_c.h_in is None:
+            tape_c = tape_c._replace(h_in=_previous(tape_c.state, h0, resets_c, reverse, edge))
+        carry, d_out = _fused_loop_back(fc, reverse, unroll, w, valid_c, keep_c, to_carry0_c,
+                                        tape_c, carry, d_pre_c, d_state_c)
+        return carry, _param_grads(fc, params, xs_c, tape_c, tape_c.h_in, d_out)
+
+    if chunk is None:
+        (d_c, d_carry0), (d_params, d_xs) = back((d_final, d_carry0), steps, h0)
+    else:
+        (d_c, d_carry0), d_params, d_xs = _by_chunks(back, (d_final, d_carry0), steps, chunk,
+                                                     reverse, tape.state, h0)
+    d_carry0 = d_c if d_carry0 is None else jax.tree.map(jnp.add, d_carry0, d_c)
+    return *_cast(d_params, params), d_xs.astype(xs.dtype), d_carry0, None, None, None
+
+
+def _cast(grads: tuple[Any, ...], params: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(None if g is None else g.astype(p.dtype)
+                 for g, p in zip(grads, params, strict=True))
+
+
+def _param_grads(fc: FusedCell, params: tuple[Any, ...], xs: Array, tape: Any, h_in: Array,
+                 d_out: Any) -> tuple[tuple[Any, ...], Array]:
+    """``((d w_in, d b_in, d w, d b), d xs)`` from the steps' backward-loop outputs ``d_out``
+    and input states ``h_in``, each one contraction over time and batch (in the
+    contractions' dtype)."""
+    w_in, b_in, _, b = params
+    d_gx, d_gh = fc.gate_grads(d_out, tape)
+    # tensordot keeps the batch axis intact (no reshape merging it with time), so a batch
+    # sharded across devices stays sharded and XLA reduces with one all-reduce instead of
+    # gathering every state.
+    lead = tuple(range(d_gh.ndim - 1))
+    d_w = jnp.tensordot(h_in, d_gh, axes=(lead, lead))
+    d_b = None if b is None else d_gh.sum(axis=lead)
+    d_w_in = jnp.tensordot(xs, d_gx, axes=(lead, lead))
+    d_b_in = None if b_in is None else d_gx.sum(axis=lead)
+    return (d_w_in, d_b_in, d_w, d_b), d_gx @ w_in.T
+
+
+_CHUNK_BYTES = 1 << 22
+"""On CPUs the backward pass runs over chunks of consecutive steps whose tape takes about
+this much memory (4 MiB): each chunk's gate gradients then stay in the cache for its
+contractions instead of going to a ``(T, *batch, G*H)`` array in fresh memory and back.
+At T=1000, B=32, I=64, H=128 and T=10000, B=8, I=32, H=64 this made forward+backward
+10-24% faster; 1 and 2 MiB were slower for the LSTM, 8 MiB no better
+(docs/performance.md)."""
+
+_CHUNK_MAX_DEPTH = 512
+"""The backward pass runs in chunks only where the input plus hidden size is at most
+this: at T=200, B=64, I=256, H=512 the contractions are bound by arithmetic, not by
+memory, and chunks of any length measured no faster (the LSTM's slower)."""
+
+
+def _chunk_length(tape: Tape, length: int, depth: int) -> int | None:
+    """Steps per chunk of the backward pass, or ``None`` for one pass over all steps (on
+    accelerators, for deep products, and where all steps fit in one chunk)."""
+    if not _project_per_step() or depth > _CHUNK_MAX_DEPTH:
+        return None
+    step_bytes = sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in jax.tree.leaves(tape))
+    chunk = max(1, _CHUNK_BYTES // max(step_bytes, 1))
+    if 2 * chunk > length:
+        return None
+    # A divisor of the length near the target needs no separate remainder.
+    divisor = next((k for k in range(chunk, chunk // 2, -1) if length % k == 0), None)
+    return chunk if divisor is None else divisor
+
+
+def _by_chunks(back: Callable[[Any, Any, Array], tuple[Any, Any]], carry: Any, steps: Any,
+               chunk: int, reverse: bool, state: Array, h0: Array) -> tuple[Any, Any, Array]:
+    """``back`` over chunks of ``chunk`` consecutive steps in the backward pass's order:
+    ``(carry, summed parameter gradients, d xs)``. The first ``length % chunk`` steps in
+    time order (the last for ``reverse``) form a shorter chunk of their own, run last.
+    Each chunk's ``edge`` is the output of the step before it (``h0`` at the sequence's
+    start)."""
+    length = state.shape[0]
+    count, rest = divmod(length, chunk)
+    start = 0 if reverse else rest
+    main = slice(start, start + count * chunk)
+    tail = slice(count * chunk, None) if reverse else slice(0, rest)
+    # The step before each chunk in time order (after it for reverse); -1 and length: h0.
+    before = start + chunk * np.arange(count) + (chunk if reverse else -1)
+    inside = (before >= 0) & (before < length)
+    h0 = jnp.broadcast_to(h0, state.shape[1:])
+    edges = jnp.where(_bcast(jnp.asarray(inside), state),
+                      state[np.clip(before, 0, length - 1)], h0)
+
+    def grouped(a: Array) -> Array:
+        return a[main].reshape((count, chunk) + a.shape[1:])
+
+    def body(loop: Any, xs_c: Any) -> tuple[Any, Array]:
+        carry, total = loop
+        carry, (d_params, d_xs) = back(carry, *xs_c)
+        return (carry, jax.tree.map(jnp.add, total, d_params)), d_xs
+
+    grads = jax.eval_shape(back, carry, jax.tree.map(lambda a: a[:chunk], steps), h0)[1][0]
+    total = jax.tree.map(lambda g: jnp.zeros(g.shape, g.dtype), grads)
+    (carry, total), d_xs = jax.lax.scan(body, (carry, total),
+                                        (jax.tree.map(grouped, steps), edges),
+                                        reverse=not reverse)
+    d_xs = d_xs.reshape((count * chunk,) + d_xs.shape[2:])
+    if rest:
+        carry, (d_params, d_rest) = back(carry, jax.tree.map(lambda a: a[tail], steps), h0)
+        total = jax.tree.map(jnp.add, total, d_params)
+        d_xs = jnp.concatenate([d_xs, d_rest] if reverse else [d_rest, d_xs])
+    return carry, total, d_xs
+
+
+def _fused_loop_back(fc, reverse, unroll, w, valid, keep, to_carry0, tape, carry, d_pre, d_state):  # noqa: ANN001
+    """The backward loop over ``tape``'s steps from ``carry = (d_carry, d_carry0)`` (the
+    latter ``None`` without resets): ``(carry, d_out)``."""
+    inputs = fc.prepare(tape, d_pre, d_state)
     w_t = w.T  # transposed once: XLA CPU multiplies by a transposed operand more slowly
 
     def body(loop: Any, xs_t: Any) -> tuple[Any, Any]:
@@ -617,13 +729,8 @@ def _fused_loop_back(fc, reverse, unroll, w, valid, resets, cut, tape, d_final, 
             d_c = _zero_where_invalid(keep_t, d_c)
         return (d_c, d_carry0), d_out
 
-    d_carry0 = None if resets is None else _zeros_like(d_final)
-    (d_c, d_carry0), d_out = jax.lax.scan(
-        body, (d_final, d_carry0), (inputs, valid, keep, to_carry0), reverse=not reverse,
-        unroll=unroll,
-    )
-    d_carry0 = d_c if d_carry0 is None else jax.tree.map(jnp.add, d_carry0, d_c)
-    return d_out, d_carry0
+    return jax.lax.scan(body, carry, (inputs, valid, keep, to_carry0), reverse=not reverse,
+                        unroll=unroll)
 
 
 fused_recurrence.defvjp(_fused_fwd, _fused_bwd)

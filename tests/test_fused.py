@@ -256,3 +256,83 @@ def test_compact_lstm_path_keeps_an_infinite_cotangent_in_its_gate():
     np.testing.assert_array_equal(fused.b_cell_input, scan.b_cell_input)
     np.testing.assert_array_equal(fused.w_cell_input, scan.w_cell_input)
     assert np.isinf(fused.b_cell_input[6]) and np.isfinite(np.delete(fused.b_cell_input, 6)).all()
+
+
+_ALL_OPTIONS = (7, 4, (2,), {"resets": True, "truncate": 3, "reverse": True,
+                             "seq_lengths": (5, 0)})
+_CHUNK_CASES = [
+    (7, 2, (2,), {}),  # 3 chunks and a remainder of 1 step
+    (7, 2, (2,), {"reverse": True}),
+    (6, 3, (2, 3), {"resets": True, "truncate": 2}),  # no remainder; 2 batch axes
+    _ALL_OPTIONS,
+    (5, 1, (2,), {"seq_lengths": (5, 2)}),
+    (7, 3, (1,), {}),  # one row: the GRU's compact forward, then the chunked backward
+]
+
+
+@pytest.mark.parametrize(("name", "t", "chunk", "batch", "kw"), [
+    *((name, *case) for name in ("elman", "gru", "lstm") for case in _CHUNK_CASES),
+    *((name, *_ALL_OPTIONS) for name in ("elman_relu", "elman_sigmoid", "elman_user",
+                                         "elman_softmax")),
+])
+def test_backward_in_chunks_equals_scan(name, t, chunk, batch, kw, monkeypatch):
+    """The CPU backward pass over chunks of consecutive steps (each with its own loop and
+    contractions; the first input state of each chunk taken from the step before it; a
+    shorter remainder) against plain autodiff, with every option that changes the loop."""
+    runs: list[int] = []
+    by_chunks = jax_rnn._fused._by_chunks
+
+    def spy(*a):
+        runs.append(a[3])
+        return by_chunks(*a)
+
+    monkeypatch.setattr(jax_rnn._fused, "_by_chunks", spy)
+    monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: chunk)
+    jax.clear_caches()  # unroll's jit cache may hold a trace without chunks
+    cell = BACKWARD_CELLS[name]
+    params = cell.init(jax.random.key(t), 3, 4, 2, dtype=np.float64)
+    rng = np.random.default_rng(t + chunk)
+    xs = rng.normal(size=(t, *batch, 3))
+    state0 = jax.tree.map(lambda a: a + rng.normal(size=a.shape),
+                          cell.initial_state(params, batch))
+    kw = dict(kw)
+    if kw.pop("resets", False):
+        kw["resets"] = rng.random((t, *batch)) < 0.3
+    if "seq_lengths" in kw:
+        kw["seq_lengths"] = np.array(kw["seq_lengths"])
+    grad = jax.value_and_grad(_loss, argnums=(1, 2, 3))
+    fused = grad(cell, params, xs, state0, "fused", **kw)
+    assert runs == ([] if name == "lstm" and batch == (1,) else [chunk])  # compact: no chunks
+    scan = grad(cell, params, xs, state0, "scan", **kw)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    jax.clear_caches()
+
+
+def test_chunk_length():
+    """Chunks of about _CHUNK_BYTES of tape on CPUs, preferring a divisor of the length;
+    none for one chunk's worth of steps, for deep products and on accelerators."""
+    f = jax_rnn._fused
+    per_step = 4 * 8 * 3 * 4  # three (T, 4, 8) float32 arrays: 384 bytes a step
+
+    def length(t, depth=64, accelerator=False):
+        tape = f.Tape(None, np.zeros((t, 4, 8), np.float32), np.zeros((t, 4, 8), np.float32),
+                      (np.zeros((t, 4, 8), np.float32),))
+        old = f._project_per_step
+        f._project_per_step = lambda: not accelerator
+        try:
+            return f._chunk_length(tape, t, depth)
+        finally:
+            f._project_per_step = old
+
+    target = f._CHUNK_BYTES // per_step
+    assert length(1000 * target) == target  # a divisor
+    assert length(1000 * target + 1) not in (None, target)  # the nearest divisor below
+    prime = 2 * target + 1
+    while any(prime % k == 0 for k in range(2, int(prime**0.5) + 1)):
+        prime += 2
+    assert length(prime) == target  # no divisor near: a remainder instead
+    assert length(2 * target - 1) is None  # fewer than two chunks
+    assert length(0) is None
+    assert length(100 * target, depth=f._CHUNK_MAX_DEPTH + 1) is None
+    assert length(100 * target, accelerator=True) is None
