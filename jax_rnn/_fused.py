@@ -473,7 +473,7 @@ def _zeros_like(tree: Any) -> Any:
 def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Array | None,
              gx: Array, carry0: Any, valid: Array | None, resets: Array | None,
              residuals: bool = True, projection: tuple[Array, Array | None] | None = None,
-             ) -> tuple[Any, Tape]:
+             cut: Array | None = None) -> tuple[Any, Tape]:
     """The forward loop: ``(final, tape)``. With ``residuals`` the tape also holds each
     step's input state and gates for the backward pass; a forward-only call skips them
     (``None`` in the tape).
@@ -490,8 +490,10 @@ def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Arra
         stacked = (jnp.concatenate([projection[0], w], axis=0), projection[1])
 
     def body(carry: Any, inputs: Any) -> tuple[Any, Any]:
-        gx_t, valid_t, reset_t = inputs
+        gx_t, valid_t, reset_t, cut_t = inputs
         c_in = carry if reset_t is None else _select(reset_t, carry0, carry)
+        if cut_t is not None:  # as in plain autodiff: higher derivatives stop there too
+            c_in = _select(cut_t, jax.lax.stop_gradient(c_in), c_in)
         h = fc.hidden(c_in)
         if stacked is not None and gx_t.shape[:-1] == h.shape[:-1]:
             gx_t = _project(jnp.concatenate([gx_t, h], axis=-1), *stacked)
@@ -514,18 +516,22 @@ def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Arra
 
     # Without masked steps each step's input state is the previous step's output: the
     # backward pass rebuilds it (``_previous``), chunk by chunk where it runs in chunks.
-    return jax.lax.scan(body, carry0, (gx, valid, resets), reverse=reverse, unroll=unroll)
+    return jax.lax.scan(body, carry0, (gx, valid, resets, cut), reverse=reverse,
+                        unroll=unroll)
 
 
 def _previous(state: Array, h0: Array, resets: Array | None, reverse: bool,
-              edge: Array | None = None) -> Array:
+              edge: Array | None = None, cut: Array | None = None) -> Array:
     """Each step's input state from the stacked outputs of an unmasked loop: ``h0`` after
     a reset, and ``edge`` (default ``h0``) before the first step in time order (the last
-    for ``reverse``)."""
+    for ``reverse``); with its gradient stopped at a ``cut``, as in the forward loop."""
     edge = jnp.broadcast_to(h0 if edge is None else edge, state.shape[1:])[None]
     h_in = (jnp.concatenate([state[1:], edge]) if reverse
             else jnp.concatenate([edge, state[:-1]]))
-    return h_in if resets is None else jnp.where(_bcast(resets, h_in), h0, h_in)
+    if resets is not None:
+        h_in = jnp.where(_bcast(resets, h_in), h0, h_in)
+    return h_in if cut is None else jnp.where(_bcast(cut, h_in), jax.lax.stop_gradient(h_in),
+                                              h_in)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
@@ -566,10 +572,10 @@ def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid
         return (final, pre, tape.state), res
     if _project_per_step():
         final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
-                               projection=(w_in, b_in))
+                               projection=(w_in, b_in), cut=cut)
     else:
         final, tape = _forward(fc, reverse, unroll, w, b, _project(xs, w_in, b_in), carry0,
-                               valid, resets)
+                               valid, resets, cut=cut)
     res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0))
     return (final, tape.pre, tape.state), res
 
@@ -596,16 +602,17 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
         d_params, d_xs = _param_grads(fc, params, xs, tape, h_in, d_out)
         return *_cast(d_params, params), d_xs.astype(xs.dtype), d_carry0, None, None, None
     keep, to_carry0 = _carry_masks(resets, cut)
-    steps = (tape, d_pre, d_state, valid, resets, keep, to_carry0, xs)
+    steps = (tape, d_pre, d_state, valid, resets, cut, keep, to_carry0, xs)
     chunk = _chunk_length(tape, xs.shape[0], w_in.shape[0] + w.shape[0])
     d_carry0 = None if resets is None else _zeros_like(d_final)
 
     def back(carry: Any, steps_c: Any, edge: Array) -> tuple[Any, Any]:
         """The backward pass over consecutive steps, whose first input state in time order
         (last for ``reverse``) is ``edge``: the loop, then the contractions."""
-        tape_c, d_pre_c, d_state_c, valid_c, resets_c, keep_c, to_carry0_c, xs_c = steps_c
+        tape_c, d_pre_c, d_state_c, valid_c, resets_c, cut_c, keep_c, to_carry0_c, xs_c = steps_c
         if tape_c.h_in is None:
-            tape_c = tape_c._replace(h_in=_previous(tape_c.state, h0, resets_c, reverse, edge))
+            tape_c = tape_c._replace(h_in=_previous(tape_c.state, h0, resets_c, reverse, edge,
+                                                    cut_c))
         carry, d_out = _fused_loop_back(fc, reverse, unroll, w, valid_c, keep_c, to_carry0_c,
                                         tape_c, carry, d_pre_c, d_state_c)
         return carry, _param_grads(fc, params, xs_c, tape_c, tape_c.h_in, d_out)

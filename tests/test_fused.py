@@ -154,6 +154,48 @@ def test_second_order_reverse_and_clear_forward_mode_error():
     jax.jacfwd(lambda p: f(p, "scan"))(params)  # forward mode through plain scan works
 
 
+@pytest.mark.parametrize(("name", "kw", "chunk"), [
+    ("elman", {"truncate": 3}, None),
+    ("elman", {"truncate": 2, "resets": True}, 2),
+    ("elman_relu", {"truncate": 3, "seq_lengths": (7, 4)}, None),
+    ("gru", {"truncate": 3, "resets": True}, None),
+    ("gru", {"truncate": 2, "reverse": True}, 3),
+    ("lstm", {"truncate": 3, "resets": True, "reverse": True}, None),
+    ("lstm", {"truncate": 2, "seq_lengths": (7, 4)}, 2),
+    ("elman_user", {"truncate": 3}, 2),
+])
+def test_second_order_with_truncation_equals_scan(name, kw, chunk, monkeypatch):
+    """Reverse-over-reverse with truncated BPTT: as in plain autodiff, where the carry's
+    gradient is stopped at a cut so are the higher derivatives through it (the forward
+    loop and the input states rebuilt by the backward pass stop them too), with and
+    without the backward pass in chunks."""
+    if chunk is not None:
+        monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: chunk)
+    jax.clear_caches()
+    cell = BACKWARD_CELLS[name]
+    params = cell.init(jax.random.key(8), 3, 4, 2, dtype=np.float64)
+    rng = np.random.default_rng(8)
+    xs = rng.normal(size=(7, 2, 3))
+    state0 = jax.tree.map(lambda a: a + rng.normal(size=a.shape),
+                          cell.initial_state(params, (2,)))
+    kw = dict(kw)
+    if kw.pop("resets", False):
+        kw["resets"] = rng.random((7, 2)) < 0.3
+    if "seq_lengths" in kw:
+        kw["seq_lengths"] = np.array(kw["seq_lengths"])
+
+    def second(impl):
+        def norm(p, x, s):
+            g = jax.grad(_loss, argnums=(1, 2, 3))(cell, p, x, s, impl, **kw)
+            return sum(jnp.sum(jnp.sin(leaf)) for leaf in jax.tree.leaves(g))
+        return jax.grad(norm, argnums=(0, 1, 2))(params, xs, state0)
+
+    fused, scan = second("fused"), second("scan")
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-11)
+    jax.clear_caches()
+
+
 def test_bad_impl():
     params = jax_rnn.elman.init(jax.random.key(0), 1, 2, 1)
     with pytest.raises(ValueError, match=r"`impl` must be one of \('fused', 'scan'\)"):
