@@ -474,9 +474,11 @@ def _forward(fc: FusedCell, reverse: bool, unroll: int | bool, w: Array, b: Arra
              gx: Array, carry0: Any, valid: Array | None, resets: Array | None,
              residuals: bool = True, projection: tuple[Array, Array | None] | None = None,
              cut: Array | None = None) -> tuple[Any, Tape]:
-    """The forward loop: ``(final, tape)``. With ``residuals`` the tape also holds each
-    step's input state and gates for the backward pass; a forward-only call skips them
-    (``None`` in the tape).
+    """The forward loop: ``(final, tape)``. With ``residuals`` the tape also holds the
+    gates for the backward pass, and each step's input state where steps are masked (else
+    the backward pass rebuilds it); a forward-only call skips them (``None`` in the tape).
+    At a ``cut`` the carry's gradient is stopped, as in plain autodiff, so that higher
+    derivatives through the tape stop there too.
 
     With ``projection=(w_in, b_in)``, ``gx`` holds the raw inputs and each step projects
     its own: a forward-only call then never materialises ``(T, *batch, G*H)`` projected
@@ -639,8 +641,8 @@ def _param_grads(fc: FusedCell, params: tuple[Any, ...], xs: Array, tape: Any, h
     w_in, b_in, _, b = params
     d_gx, d_gh = fc.gate_grads(d_out, tape)
     # tensordot keeps the batch axis intact (no reshape merging it with time), so a batch
-    # sharded across devices stays sharded and XLA reduces with one all-reduce instead of
-    # gathering every state.
+    # sharded across devices stays sharded and XLA reduces with an all-reduce (one per
+    # chunk on CPUs) instead of gathering every state.
     lead = tuple(range(d_gh.ndim - 1))
     d_w = jnp.tensordot(h_in, d_gh, axes=(lead, lead))
     d_b = None if b is None else d_gh.sum(axis=lead)
@@ -663,6 +665,12 @@ this: at T=200, B=64, I=256, H=512 the contractions are bound by arithmetic, not
 memory, and chunks of any length measured no faster (the LSTM's slower)."""
 
 
+_CHUNK_MIN_STEPS = 16
+"""Fewer steps per chunk (a step's tape over 256 KiB: very large batches) keep one pass:
+there each step's contractions are large products already, and chunks that short were
+not measured."""
+
+
 def _chunk_length(tape: Tape, length: int, depth: int) -> int | None:
     """Steps per chunk of the backward pass, or ``None`` for one pass over all steps (on
     accelerators, for deep products, and where all steps fit in one chunk)."""
@@ -670,7 +678,7 @@ def _chunk_length(tape: Tape, length: int, depth: int) -> int | None:
         return None
     step_bytes = sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in jax.tree.leaves(tape))
     chunk = max(1, _CHUNK_BYTES // max(step_bytes, 1))
-    if 2 * chunk > length:
+    if 2 * chunk > length or chunk < _CHUNK_MIN_STEPS:
         return None
     # A divisor of the length near the target needs no separate remainder.
     divisor = next((k for k in range(chunk, chunk // 2, -1) if length % k == 0), None)
@@ -682,8 +690,8 @@ def _by_chunks(back: Callable[[Any, Any, Array], tuple[Any, Any]], carry: Any, s
     """``back`` over chunks of ``chunk`` consecutive steps in the backward pass's order:
     ``(carry, summed parameter gradients, d xs)``. The first ``length % chunk`` steps in
     time order (the last for ``reverse``) form a shorter chunk of their own, run last.
-    Each chunk's ``edge`` is the output of the step before it (``h0`` at the sequence's
-    start)."""
+    Each chunk's ``edge`` is the output of the step before it in time order (after it for
+    ``reverse``; ``h0`` at the sequence's start)."""
     length = state.shape[0]
     count, rest = divmod(length, chunk)
     start = 0 if reverse else rest
