@@ -603,15 +603,15 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
                                                        d_pre, d_state)
         d_params, d_xs = _param_grads(fc, params, xs, tape, h_in, d_out)
         return *_cast(d_params, params), d_xs.astype(xs.dtype), d_carry0, None, None, None
-    keep, to_carry0 = _carry_masks(resets, cut)
-    steps = (tape, d_pre, d_state, valid, resets, cut, keep, to_carry0, xs)
+    steps = (tape, d_pre, d_state, valid, resets, cut, xs)
     chunk = _chunk_length(tape, xs.shape[0], w_in.shape[0] + w.shape[0])
     d_carry0 = None if resets is None else _zeros_like(d_final)
 
     def back(carry: Any, steps_c: Any, edge: Array) -> tuple[Any, Any]:
         """The backward pass over consecutive steps, whose first input state in time order
         (last for ``reverse``) is ``edge``: the loop, then the contractions."""
-        tape_c, d_pre_c, d_state_c, valid_c, resets_c, cut_c, keep_c, to_carry0_c, xs_c = steps_c
+        tape_c, d_pre_c, d_state_c, valid_c, resets_c, cut_c, xs_c = steps_c
+        keep_c, to_carry0_c = _carry_masks(resets_c, cut_c)
         if tape_c.h_in is None:
             tape_c = tape_c._replace(h_in=_previous(tape_c.state, h0, resets_c, reverse, edge,
                                                     cut_c))
