@@ -62,9 +62,7 @@ def _report(name: str, proc: subprocess.Popen) -> dict:
     return report
 
 
-@pytest.fixture(scope="module")
-def reports() -> dict:
-
+def _run_workers() -> dict:
     port, nproc = _free_port(), 2
     procs = {"spmd": _start("spmd")}
     for pid in range(nproc):
@@ -75,6 +73,27 @@ def reports() -> dict:
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The workers' reports, computed once per run: under pytest-xdist every pytest
+    worker that runs a test of this module needs them, and the first to ask runs the
+    workers while the others wait for its file (a lock in the run's shared temporary
+    directory). If the workers fail, each pytest worker tries again and fails alike."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: each pytest worker runs its own
+        return _run_workers()
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: nothing to share
+        return _run_workers()
+    shared = tmp_path_factory.getbasetemp().parent  # this run's, above every worker's
+    path = shared / "distributed_reports.json"
+    with open(shared / "distributed_reports.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            path.write_text(json.dumps(_run_workers()))
+        return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")

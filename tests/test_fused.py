@@ -306,8 +306,7 @@ def fresh_traces():
 _ALL_OPTIONS = (7, 4, (2,), {"resets": True, "truncate": 3, "reverse": True,
                              "seq_lengths": (5, 0)})
 _CHUNK_CASES = [
-    (7, 2, (2,), {}),  # 3 chunks and a remainder of 1 step
-    (7, 2, (2,), {"reverse": True}),
+    (7, 2, (2,), {}),  # 3 chunks and a remainder of 1 step (reverse: in _ALL_OPTIONS)
     (6, 3, (2, 3), {"resets": True, "truncate": 2}),  # no remainder; 2 batch axes
     _ALL_OPTIONS,
     (5, 1, (2,), {"seq_lengths": (5, 2)}),
