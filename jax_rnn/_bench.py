@@ -54,7 +54,7 @@ CONFIGS = {
 DEFAULT_CONFIGS = ("notebook", "t1000_b32", "t1000_b1", "t200_b64", "t10000_b8")
 CELL_NAMES = ("elman", "elman_relu", "gru", "lstm")
 CELL_LABELS = {"elman": "Elman tanh", "elman_relu": "Elman ReLU", "gru": "GRU", "lstm": "LSTM"}
-PEER_NAMES = ("numpy", "scan", "flax", "haiku", "equinox", "torch")
+PEER_NAMES = ("numpy", "scan", "sharded", "flax", "haiku", "equinox", "torch")
 MODES = ("forward", "fwd_bwd")
 # The issue's bars: (config, what, threshold).
 BARS = (
@@ -64,7 +64,7 @@ BARS = (
     ("*", "forward_vs_fastest_peer", 1.0),
 )
 # Rows that count as peers for the ratios: other libraries and the numpy loop, not
-# jax_rnn's own alternative path.
+# jax_rnn's own alternative paths (impl="scan"; "sharded", the batch over several devices).
 EXTERNAL = ("numpy", "flax", "flax.optimized", "haiku", "equinox", "torch")
 # The issue's bars compare "like with like": tanh Elman against Flax SimpleCell and
 # PyTorch nn.RNN(tanh); ReLU Elman against Haiku VanillaRNN (here also Flax and PyTorch
@@ -106,7 +106,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--peers", nargs="+", metavar="PEER",
         help="what to time besides jax_rnn's default path, or 'all' (the default): "
         f"{', '.join(PEER_NAMES)} ('scan' is jax_rnn.unroll(impl='scan'), plain autodiff "
-        "through lax.scan); a peer that cannot be imported is skipped")
+        "through lax.scan; 'sharded' is the default path with the batch split over every "
+        "device, see --cpu-devices); a peer that cannot be imported is skipped")
+    parser.add_argument(
+        "--cpu-devices", type=int, default=None, metavar="N",
+        help="start JAX's CPU backend with N devices (jax_num_cpu_devices) for the "
+        "'sharded' row, which splits the batch over them: each CPU device runs its own "
+        "loop on its own thread. Every other JAX row runs on one device as without it. "
+        "Only where JAX has not started yet in this process (the command line)")
     parser.add_argument(
         "--repeats", type=int, default=None,
         help="timed samples per measurement, at most (default 7, 2 with --quick; the "
@@ -297,6 +304,7 @@ def _machine() -> dict:
         "cores": _cores(),
         "jax_backend": jax.default_backend(),
         "jax_devices": [str(d) for d in jax.devices()],
+        "jax_device_count": jax.device_count(),
         "device_kind": jax.devices()[0].device_kind,
         "torch_cuda": _torch_cuda_name(),
         "versions": _versions(),
@@ -317,6 +325,10 @@ def _available(peers: list[str]) -> tuple[list[str], dict[str, str]]:
         if peer not in peers:
             skipped[peer] = "not selected (--peers)"
             continue
+        if peer == "sharded" and _device_count() < 2:
+            skipped[peer] = ("one device: start the run with --cpu-devices N (on a CPU) to "
+                             "split the batch over N devices")
+            continue
         module = IMPORTS.get(peer)
         if module is not None:
             try:
@@ -326,6 +338,34 @@ def _available(peers: list[str]) -> tuple[list[str], dict[str, str]]:
                 continue
         ok.append(peer)
     return ok, skipped
+
+
+def _device_count() -> int:
+    import jax
+
+    return jax.device_count()
+
+
+def _start_cpu_devices(n: int | None) -> None:
+    """Starts JAX's CPU backend with ``n`` devices; a clear error where JAX has started
+    already with another number (then only the environment can set it)."""
+    if n is None:
+        return
+    import jax
+
+    if n < 1:
+        raise SystemExit(f"jax-rnn bench: --cpu-devices must be at least 1, got {n}")
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:  # JAX's backends have started in this process
+        pass
+    have = len(jax.devices("cpu"))
+    if have != n:
+        raise SystemExit(
+            f"jax-rnn bench: --cpu-devices {n}: JAX's CPU backend has already started with "
+            f"{have} device(s) in this process, and the count is fixed when it starts. Run "
+            f"the command line (jax-rnn bench ...) in a fresh process, or set "
+            f"JAX_NUM_CPU_DEVICES={n} before JAX starts.")
 
 
 def _has_impl() -> bool:
@@ -391,6 +431,15 @@ def _runners_for(cell: str, params: Any, xs: Any, peers: list[str], has_impl: bo
     runners = [bp.jax_rnn_runner(cell, params, xs, None, has_impl)]
     if "scan" in peers:
         runners.append(bp.jax_rnn_runner(cell, params, xs, "scan", has_impl))
+    if "sharded" in peers:
+        import jax
+
+        devices = jax.device_count()
+        if xs.shape[1] % devices:
+            notes.append(f"sharded/{cell}: batch {xs.shape[1]} is not a multiple of the "
+                         f"{devices} devices; not run at this size")
+        else:
+            runners.append(bp.jax_rnn_sharded_runner(cell, params, xs))
     for peer in ("numpy", "flax", "haiku", "equinox", "torch"):
         if peer not in peers:
             continue
@@ -463,7 +512,7 @@ def _bench_cell(c: Config, cell: str, dtype: str, seed: int, peers: list[str], h
                         verdict = "not equivalent" if not r.equivalent else "MISMATCH"
                         progress.log(f"[{c.name} {cell}] {r.label}: forward max|diff| "
                                      f"{diff:.3g} vs jax_rnn ({verdict})")
-                elif r.impl in ("jax_rnn", "jax_rnn.scan", "numpy"):
+                elif r.impl in ("jax_rnn", "jax_rnn.scan", "jax_rnn.sharded", "numpy"):
                     grads = bp.grads_as_dict(result[1])
                     ref_grads = grads if ref_grads is None else ref_grads
                     row["check"]["grad_max_abs_diff"] = max(
@@ -512,6 +561,9 @@ def _summarize(results: list[dict], configs: list[Config], cells: list[str],
                 best = _fastest(mode, [r for r in timed if r["impl"] in LIKE_PEERS[cell]])
                 best_row = _fastest(mode, timed)
                 scan = next((r for r in rows if r["impl"] == "jax_rnn.scan" and mode in r), None)
+                sharded = next((r for r in rows if r["impl"] == "jax_rnn.sharded" and mode in r
+                                and r.get("check", {}).get("agrees")), None)
+                sharded_s = sharded[mode]["median_s"] if sharded else None
                 entry[mode] = {
                     "jax_rnn_s": t,
                     "fastest_peer": best["impl"] if best else None,
@@ -521,6 +573,11 @@ def _summarize(results: list[dict], configs: list[Config], cells: list[str],
                     "ratio_vs_fastest_row": (best_row[mode]["median_s"] / t if best_row
                                              else None),
                     "ratio_vs_scan": scan[mode]["median_s"] / t if scan else None,
+                    # The batch over several devices: its own time and ratio against the
+                    # same fastest like peer (reported beside the bars, not counted in them).
+                    "sharded_s": sharded_s,
+                    "sharded_ratio_vs_fastest_peer": (best[mode]["median_s"] / sharded_s
+                                                      if best and sharded_s else None),
                     "ratios": {r["impl"]: r[mode]["median_s"] / t for r in rows if mode in r},
                 }
             flops = _flops_fwd_bwd(c, cell)
@@ -646,6 +703,23 @@ def _markdown(doc: dict) -> str:
             f"| {_vs_row(f)} / {_vs_row(b)} | {_ratio(b['ratio_vs_scan'])} "
             f"| {s['fwd_bwd_flops_per_s'] / 1e9:.2f} | {_gflops(s['matmul'])} "
             f"| {_pct(s['fwd_bwd_matmul_fraction'])} |")
+    sharded = [s for s in doc["summary"] if s["fwd_bwd"].get("sharded_s")
+               or s["forward"].get("sharded_s")]
+    if sharded:
+        devices = doc["machine"].get("jax_device_count", "?")
+        lines += ["", f"## jax_rnn with the batch over {devices} devices (row `jax_rnn.sharded`)",
+                  "", "The default path with the batch split over every device by "
+                  "`jax_rnn.distributed` (on a CPU: `--cpu-devices`); ratio = the fastest like "
+                  "peer's time (one device) / this row's. Reported beside the bars, not "
+                  "counted in them.", "",
+                  "| config | cell | fwd | ratio | fwd+bwd | ratio |",
+                  "|---|---|---:|---:|---:|---:|"]
+        for s in sharded:
+            f, b = s["forward"], s["fwd_bwd"]
+            lines.append(f"| {s['config']} | {CELL_LABELS[s['cell']]} | {_ms(f['sharded_s'])} "
+                         f"| {_ratio(f['sharded_ratio_vs_fastest_peer'])} "
+                         f"| {_ms(b['sharded_s'])} "
+                         f"| {_ratio(b['sharded_ratio_vs_fastest_peer'])} |")
     if doc["bars"]:
         lines += ["", "## The issue's bars", "", "| config | cell | bar | threshold | value | "
                   "passes | vs all rows (incl. numpy) |", "|---|---|---|---:|---:|---|---:|"]
@@ -755,6 +829,13 @@ def _print_ratios(doc: dict, log: Callable[[str], None]) -> None:
             f"{b['fastest_peer'] or '-'} {_ratio(b['ratio_vs_fastest_peer'])}x, "
             f"impl=scan {_ratio(b['ratio_vs_scan'])}x | "
             f"{_pct(s['fwd_bwd_matmul_fraction'])} of matmul FLOP/s")
+    for s in doc["summary"]:
+        f, b = s["forward"], s["fwd_bwd"]
+        if f.get("sharded_s") or b.get("sharded_s"):
+            log(f"  {s['config']:<10} {CELL_LABELS[s['cell']]:<10} batch over "
+                f"{doc['machine'].get('jax_device_count')} devices: fwd {_ms(f['sharded_s'])} ms "
+                f"({_ratio(f['sharded_ratio_vs_fastest_peer'])}x) | fwd+bwd "
+                f"{_ms(b['sharded_s'])} ms ({_ratio(b['sharded_ratio_vs_fastest_peer'])}x)")
     for b in doc["bars"]:
         if b["passes"] is False:
             log(f"  bar not met: {b['config']} {b['cell']} {b['bar']} = {b['value']:.3f} "
@@ -776,6 +857,8 @@ def _command(args: argparse.Namespace) -> str:
         parts.append("--no-plot")
     if getattr(args, "precision", "default") != "default":
         parts += ["--precision", args.precision]
+    if getattr(args, "cpu_devices", None) is not None:
+        parts += ["--cpu-devices", str(args.cpu_devices)]
     parts += ["--dtype", args.dtype, "--seed", str(args.seed), "--out", str(args.out)]
     return " ".join(parts)
 
@@ -784,8 +867,10 @@ def run(args: argparse.Namespace) -> int:
     """Runs the benchmark and writes bench.json, bench.md and bench.png under ``--out``.
 
     With ``--precision highest`` every matrix product runs in full float32 (JAX's
-    ``"highest"`` precision, PyTorch's TF32 off) for the run only.
+    ``"highest"`` precision, PyTorch's TF32 off) for the run only. ``--cpu-devices N``
+    starts JAX's CPU backend with N devices first (before anything else touches JAX).
     """
+    _start_cpu_devices(getattr(args, "cpu_devices", None))
     if getattr(args, "precision", "default") == "highest":
         from . import _bench_peers as bp
 

@@ -146,6 +146,32 @@ def jax_rnn_runner(cell_name: str, params: Any, xs: Any, impl: str | None,
     return _jax_runner(key, label, note, True, forward, p, jnp.asarray(xs))
 
 
+def jax_rnn_sharded_runner(cell_name: str, params: Any, xs: Any) -> Runner:
+    """jax_rnn's default path with the batch split over every device (``jax.devices()``)
+    by :mod:`jax_rnn.distributed`: each device unrolls its rows, the parameters are
+    replicated. On a CPU the devices come from ``jax-rnn bench --cpu-devices N`` (JAX's
+    ``jax_num_cpu_devices``), and each runs its own loop on its own thread, so the
+    recurrence uses N cores where one device's small per-step products use one."""
+    import jax
+    import jax.numpy as jnp
+
+    import jax_rnn
+    from jax_rnn import distributed
+
+    cell = _cell(cell_name)
+    mesh = distributed.make_mesh()
+
+    def forward(p: Any, x: Any) -> Any:
+        return jax_rnn.unroll(cell, p, x)[1].output
+
+    p = distributed.replicate(jax.tree.map(jnp.asarray, params), mesh)
+    label = f"jax_rnn.unroll, batch over {mesh.size} {jax.devices()[0].platform} devices"
+    note = ("the default path with the batch split over the devices by jax_rnn.distributed "
+            "(shard_batch, replicate); not one of the issue's like-for-like rows")
+    return _jax_runner("jax_rnn.sharded", label, note, True, forward, p,
+                       distributed.shard_batch(xs, mesh))
+
+
 def _cell(cell_name: str) -> Any:
     import jax_rnn
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,63 @@ def test_bars_compare_like_with_like_and_report_the_numpy_loop_beside():
     assert bars[("gru", "forward_vs_fastest_peer")]["passes"] is True  # 66 / 60
 
 
+def test_sharded_row_is_reported_beside_the_bars_not_in_them():
+    """The batch over several devices gets its own ratio against the same like peer; the
+    bars and the fastest peer stay jax_rnn's one-device row's."""
+    from jax_rnn import _bench
+
+    results = [
+        _timed("t1000_b32", "elman", "jax_rnn", 25.0, 70.0),
+        _timed("t1000_b32", "elman", "jax_rnn.sharded", 12.5, 40.0),
+        _timed("t1000_b32", "elman", "flax", 25.5, 98.0),
+    ]
+    (entry,) = _bench._summarize(results, [_bench.CONFIGS["t1000_b32"]], ["elman"],
+                                 {("t1000_b32", "elman"): {"flops_per_s": 1e11}})
+    fb = entry["fwd_bwd"]
+    assert fb["fastest_peer"] == "flax" and fb["fastest_row"] == "flax"
+    assert fb["ratio_vs_fastest_peer"] == pytest.approx(98.0 / 70.0)
+    assert fb["sharded_s"] == pytest.approx(0.040)
+    assert fb["sharded_ratio_vs_fastest_peer"] == pytest.approx(98.0 / 40.0)
+    assert entry["forward"]["sharded_ratio_vs_fastest_peer"] == pytest.approx(25.5 / 12.5)
+    bars = {b["bar"]: b for b in _bench._bars([entry])}
+    assert bars["fwd_bwd_vs_fastest_peer"]["value"] == pytest.approx(98.0 / 70.0)
+
+
+def test_cpu_devices_needs_a_fresh_process(tmp_path):
+    """This process started JAX with one CPU device: --cpu-devices 2 is refused with a
+    message that says why and what to do; --cpu-devices 1 matches and runs."""
+    assert len(jax.devices("cpu")) == 1  # JAX has started here (also if this test runs first)
+    with pytest.raises(SystemExit, match="already started with 1 device.*fresh process"):
+        main(["bench", "--quick", "--cpu-devices", "2", "--out", str(tmp_path)])
+    argv = ["bench", "--quick", "--cpu-devices", "1", "--peers", "sharded", "--cells", "elman",
+            "--repeats", "1", "--budget", "0.01", "--matmul-size", "32", "--no-plot",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert "--cpu-devices" in doc["skipped"]["sharded"]  # one device: nothing to split
+    assert {r["impl"] for r in doc["results"]} == {"jax_rnn"}
+
+
+def test_sharded_row_on_two_cpu_devices(tmp_path):
+    """The command line in a fresh process with --cpu-devices 2: the batch is split over
+    two CPU devices, and the row's outputs and gradients are jax_rnn's (float64)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+    cmd = [sys.executable, "-m", "jax_rnn", "bench", "--quick", "--cpu-devices", "2",
+           "--peers", "sharded", "--cells", "gru", "--repeats", "1", "--budget", "0.01",
+           "--matmul-size", "32", "--no-plot", "--dtype", "float64", "--out", str(tmp_path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["machine"]["jax_device_count"] == 2
+    (row,) = [r for r in doc["results"] if r["impl"] == "jax_rnn.sharded"]
+    assert "2 cpu devices" in row["label"]
+    assert row["check"]["max_abs_diff"] < 1e-12 and row["check"]["grad_max_abs_diff"] < 1e-12
+    assert "batch over 2 devices" in done.stdout
+
+
 @pytest.mark.parametrize("n", [1, 2, 3, 6, 7, 8])
 def test_round_orders_balance_who_follows_whom(n):
     """Over a full cycle of rounds every call comes first equally often and directly
@@ -230,3 +288,33 @@ def test_parallel_benchmark_script_agrees_with_sequential(tmp_path, monkeypatch)
             assert r["max_abs_diff_vs_sequential"] < 1e-9, r
     md = (tmp_path / "parallel.md").read_text()
     assert "| 3 | 40 |" in md and "H = 3: DEER" in md
+
+
+def test_profile_script_counts_every_step_of_the_loops(monkeypatch, capsys):
+    """benchmarks/profile_ops.py totals XLA's per-operation trace events per call: a loop
+    of T steps runs once and the operations of its body T times each, no operation takes
+    longer than the call; the listing prints them."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "benchmarks" / "profile_ops.py"
+    spec = importlib.util.spec_from_file_location("profile_ops", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    steps = 40  # long enough that XLA keeps both loops (it may unroll very short ones)
+    params = jax_rnn.elman.init(jax.random.key(0), 3, 4, None)
+    xs = jnp.ones((steps, 2, 3), jnp.float32)
+    grad = jax.jit(jax.grad(lambda p, x: jnp.sum(jax_rnn.unroll(jax_rnn.elman, p, x)[1].output)))
+    totals, wall = module.op_times(lambda: grad(params, xs), rounds=2)
+    loops = [calls for name, (calls, _) in totals.items() if name.startswith("while")]
+    assert loops and all(calls == 1 for calls in loops), totals
+    per_step = [name for name, (calls, _) in totals.items() if calls == steps]
+    assert len(per_step) >= 2, totals  # at least the loop's product and its tanh
+    assert all(calls in (1, steps) for calls, _ in totals.values()), totals
+    assert wall > max(total for _, total in totals.values()) > 0
+    monkeypatch.setattr(sys, "argv", ["profile_ops.py", "--cell", "gru", "--sizes", "5", "2",
+                                      "3", "4", "--top", "3"])
+    module.main()
+    out = capsys.readouterr().out
+    assert "gru T=5 B=2 I=3 H=4 fwd_bwd" in out and len(out.splitlines()) == 6
