@@ -799,8 +799,12 @@ def _plot(doc: dict, path: Path) -> None:
             ax.set_title(f"{name} ({Config(**cfg).describe()}): {title}", fontsize=9)
             ax.grid(axis="y", alpha=0.3, which="both")
     height = fig.get_figheight()
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(impls), 8), fontsize=8)
+    # One patch per row, in its own colour: a size where a row has no bars (jax_rnn.sharded
+    # at B=1) must not lend the legend an empty, default-coloured handle.
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=colors[impl], label=impl) for impl in impls]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(impls), 8), fontsize=8)
     m = doc["machine"]
     where = (m["device_kind"] if m.get("jax_backend") == "gpu" and m.get("device_kind")
              else f"{m['cpu_model']} ({m['cores']} cores)")
