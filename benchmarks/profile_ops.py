@@ -39,7 +39,7 @@ CELLS = {"elman": jax_rnn.elman, "elman_relu": jax_rnn.elman_relu, "gru": jax_rn
 # Events of the runtime around the operations, not operations themselves.
 RUNTIME = ("ThunkExecutor", "PjitFunction", "CommonPjRt", "Pjrt", "ParseArguments",
            "Handle input", "AllocateOutputBuffers", "PythonRefManager", "Wait for",
-           "ThreadpoolListener")
+           "ThreadpoolListener", "Rendezvous", "Wait:")
 
 
 def op_times(call, rounds: int) -> tuple[dict[str, list[float]], float]:
@@ -98,13 +98,16 @@ def main() -> None:
     where = f" sharded over {jax.device_count()} devices" if args.sharded else ""
     print(f"{args.cell} T={steps} B={batch} I={inputs} H={hidden} {args.mode}{where}: "
           f"{wall / 1e3:.2f} ms per call under the profiler ({jax.devices()[0].device_kind})")
+    # With several devices every device's operations are counted: a share is of the
+    # devices' time together (wall clock x devices).
+    devices = jax.device_count() if args.sharded else 1
     print(f"{'ms/call':>9} {'share':>6} {'calls':>7} {'us each':>9}  operation")
     for name, (count, total) in sorted(totals.items(), key=lambda kv: -kv[1][1])[:args.top]:
-        share = total / wall if wall else float("nan")
+        share = total / (wall * devices) if wall else float("nan")
         print(f"{total / 1e3:9.2f} {share:6.1%} {count:7.0f} {total / max(count, 1):9.1f}  "
               f"{name[:70]}")
     print("(a loop's own row includes the operations inside it; with several devices "
-          "each device's operations are counted)")
+          "each device's operations are counted, and a share is of wall clock x devices)")
 
 
 if __name__ == "__main__":

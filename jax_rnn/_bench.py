@@ -111,9 +111,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--cpu-devices", type=int, default=None, metavar="N",
         help="start JAX's CPU backend with N devices (jax_num_cpu_devices) for the "
-        "'sharded' row, which splits the batch over them: each CPU device runs its own "
-        "loop on its own thread. Every other JAX row runs on one device as without it. "
-        "Only where JAX has not started yet in this process (the command line)")
+        "'sharded' row, which splits the batch over the default backend's devices: on a "
+        "CPU each device runs its own loop on its own thread. Every other JAX row runs on "
+        "one device as without it. Only where JAX has not started yet in this process "
+        "(the command line); on a GPU machine the row uses the GPUs instead")
     parser.add_argument(
         "--repeats", type=int, default=None,
         help="timed samples per measurement, at most (default 7, 2 with --quick; the "
@@ -326,8 +327,8 @@ def _available(peers: list[str]) -> tuple[list[str], dict[str, str]]:
             skipped[peer] = "not selected (--peers)"
             continue
         if peer == "sharded" and _device_count() < 2:
-            skipped[peer] = ("one device: start the run with --cpu-devices N (on a CPU) to "
-                             "split the batch over N devices")
+            skipped[peer] = (f"one {_backend()} device: nothing to split the batch over (on "
+                             "a CPU, start the run with --cpu-devices N for N devices)")
             continue
         module = IMPORTS.get(peer)
         if module is not None:
@@ -346,6 +347,12 @@ def _device_count() -> int:
     return jax.device_count()
 
 
+def _backend() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
 def _start_cpu_devices(n: int | None) -> None:
     """Starts JAX's CPU backend with ``n`` devices; a clear error where JAX has started
     already with another number (then only the environment can set it)."""
@@ -359,7 +366,14 @@ def _start_cpu_devices(n: int | None) -> None:
         jax.config.update("jax_num_cpu_devices", n)
     except RuntimeError:  # JAX's backends have started in this process
         pass
-    have = len(jax.devices("cpu"))
+    try:
+        have = len(jax.devices("cpu"))
+    except RuntimeError as err:  # e.g. JAX_PLATFORMS without cpu
+        raise SystemExit(f"jax-rnn bench: --cpu-devices {n}: JAX has no CPU backend here "
+                         f"({err}); leave the flag out") from err
+    if _backend() != "cpu":
+        print(f"jax-rnn bench: --cpu-devices {n} sets JAX's CPU devices, but the default "
+              f"backend is {_backend()}: the sharded row splits the batch over its devices")
     if have != n:
         raise SystemExit(
             f"jax-rnn bench: --cpu-devices {n}: JAX's CPU backend has already started with "

@@ -33,7 +33,6 @@ import numpy as np
 
 CELLS = ("elman", "elman_relu", "gru", "lstm")
 GATES = {"elman": 1, "elman_relu": 1, "gru": 3, "lstm": 4}
-PEERS = ("numpy", "scan", "flax", "haiku", "equinox", "torch")
 
 
 @dataclasses.dataclass

@@ -76,23 +76,28 @@ def _run_workers() -> dict:
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def reports(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The workers' reports, computed once per run: under pytest-xdist every pytest
     worker that runs a test of this module needs them, and the first to ask runs the
-    workers while the others wait for its file (a lock in the run's shared temporary
-    directory). If the workers fail, each pytest worker tries again and fails alike."""
+    workers while the others wait for its file (a lock beside the run's temporary
+    directories, named by xdist's id of this run, so no other run's file is ever read).
+    If the workers fail, each pytest worker tries again and fails alike."""
     try:
         import fcntl
     except ImportError:  # not POSIX: each pytest worker runs its own
         return _run_workers()
-    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: nothing to share
+    workerinput = getattr(request.config, "workerinput", None)
+    if workerinput is None:  # not an xdist worker: nothing to share
         return _run_workers()
-    shared = tmp_path_factory.getbasetemp().parent  # this run's, above every worker's
-    path = shared / "distributed_reports.json"
-    with open(shared / "distributed_reports.lock", "w") as lock:
+    shared = tmp_path_factory.getbasetemp().parent
+    name = f"jax_rnn_distributed_{workerinput['testrunuid']}"
+    path = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            path.write_text(json.dumps(_run_workers()))
+            partial = shared / f"{name}.partial"
+            partial.write_text(json.dumps(_run_workers()))
+            os.replace(partial, path)  # whole or absent, also if this worker dies
         return json.loads(path.read_text())
 
 
