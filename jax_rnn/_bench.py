@@ -446,9 +446,7 @@ def _runners_for(cell: str, params: Any, xs: Any, peers: list[str], has_impl: bo
     if "scan" in peers:
         runners.append(bp.jax_rnn_runner(cell, params, xs, "scan", has_impl))
     if "sharded" in peers:
-        import jax
-
-        devices = jax.device_count()
+        devices = _device_count()
         if xs.shape[1] % devices:
             notes.append(f"sharded/{cell}: batch {xs.shape[1]} is not a multiple of the "
                          f"{devices} devices; not run at this size")

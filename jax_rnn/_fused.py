@@ -532,8 +532,7 @@ def _previous(state: Array, h0: Array, resets: Array | None, reverse: bool,
             else jnp.concatenate([edge, state[:-1]]))
     if resets is not None:
         h_in = jnp.where(_bcast(resets, h_in), h0, h_in)
-    return h_in if cut is None else jnp.where(_bcast(cut, h_in), jax.lax.stop_gradient(h_in),
-                                              h_in)
+    return h_in if cut is None else _select(cut, jax.lax.stop_gradient(h_in), h_in)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))

@@ -154,6 +154,23 @@ def test_second_order_reverse_and_clear_forward_mode_error():
     jax.jacfwd(lambda p: f(p, "scan"))(params)  # forward mode through plain scan works
 
 
+def _with_options(cell, steps, batch, kw, key, seed):
+    """float64 ``(params, xs, state0, kw)`` for ``steps`` steps of ``batch`` rows, 3 inputs,
+    4 hidden units: ``kw``'s ``resets=True`` becomes random resets, ``seq_lengths`` an
+    array."""
+    params = cell.init(jax.random.key(key), 3, 4, 2, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(steps, *batch, 3))
+    state0 = jax.tree.map(lambda a: a + rng.normal(size=a.shape),
+                          cell.initial_state(params, batch))
+    kw = dict(kw)
+    if kw.pop("resets", False):
+        kw["resets"] = rng.random((steps, *batch)) < 0.3
+    if "seq_lengths" in kw:
+        kw["seq_lengths"] = np.array(kw["seq_lengths"])
+    return params, xs, state0, kw
+
+
 @pytest.mark.parametrize(("name", "kw", "chunk"), [
     ("elman", {"truncate": 2, "resets": True}, 2),
     ("gru", {"truncate": 2, "reverse": True}, None),
@@ -168,16 +185,7 @@ def test_second_order_with_truncation_equals_scan(name, kw, chunk, monkeypatch, 
     if chunk is not None:
         monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: chunk)
     cell = BACKWARD_CELLS[name]
-    params = cell.init(jax.random.key(8), 3, 4, 2, dtype=np.float64)
-    rng = np.random.default_rng(8)
-    xs = rng.normal(size=(7, 2, 3))
-    state0 = jax.tree.map(lambda a: a + rng.normal(size=a.shape),
-                          cell.initial_state(params, (2,)))
-    kw = dict(kw)
-    if kw.pop("resets", False):
-        kw["resets"] = rng.random((7, 2)) < 0.3
-    if "seq_lengths" in kw:
-        kw["seq_lengths"] = np.array(kw["seq_lengths"])
+    params, xs, state0, kw = _with_options(cell, 7, (2,), kw, key=8, seed=8)
 
     def second(impl):
         def norm(p, x, s):
@@ -333,16 +341,7 @@ def test_backward_in_chunks_equals_scan(name, t, chunk, batch, kw, monkeypatch, 
     monkeypatch.setattr(jax_rnn._fused, "_by_chunks", spy)
     monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: chunk)
     cell = BACKWARD_CELLS[name]
-    params = cell.init(jax.random.key(t), 3, 4, 2, dtype=np.float64)
-    rng = np.random.default_rng(t + chunk)
-    xs = rng.normal(size=(t, *batch, 3))
-    state0 = jax.tree.map(lambda a: a + rng.normal(size=a.shape),
-                          cell.initial_state(params, batch))
-    kw = dict(kw)
-    if kw.pop("resets", False):
-        kw["resets"] = rng.random((t, *batch)) < 0.3
-    if "seq_lengths" in kw:
-        kw["seq_lengths"] = np.array(kw["seq_lengths"])
+    params, xs, state0, kw = _with_options(cell, t, batch, kw, key=t, seed=t + chunk)
     grad = jax.value_and_grad(_loss, argnums=(1, 2, 3))
     fused = grad(cell, params, xs, state0, "fused", **kw)
     assert runs == ([] if name == "lstm" and batch == (1,) else [chunk])  # compact: no chunks
