@@ -7,7 +7,7 @@
 # Runs from the repository root with the machine's own python3 (JAX with CUDA, PyTorch,
 # Flax and Equinox installed; jax_rnn from this checkout through PYTHONPATH, nothing is
 # installed). Four phases, each cut off so that the whole run ends within TOTAL_SECONDS
-# (default 460), most important first:
+# (default 560), most important first:
 #   1. benchmarks/parallel.py: sequential vs DEER vs quasi-DEER vs cuDNN nn.RNN over
 #      T in 10^2..10^5 and H in 4..256 (forward; forward+backward at H=16);
 #   2. jax-rnn bench on the issue's sizes against scan, Flax, Equinox and cuDNN;
@@ -16,7 +16,7 @@
 # Every phase runs with full float32 matrix products (JAX "highest", PyTorch TF32 off),
 # so that the comparisons are like for like and the tests' float32 tolerances hold.
 set -u
-TOTAL=${1:-460}
+TOTAL=${1:-560}
 OUT=${OUT:-gpu-out}
 PY=${PY:-python3}
 mkdir -p "$OUT"
@@ -56,15 +56,15 @@ for m in ('flax', 'equinox', 'dm-haiku', 'rich', 'matplotlib', 'optax'):
 } 2>&1 | tee -a "$LOG"
 
 # shellcheck disable=SC2086  # the *_ARGS are word lists
-phase parallel 150 "$LOG" "$PY" benchmarks/parallel.py --out "$OUT" --precision highest \
+phase parallel 140 "$LOG" "$PY" benchmarks/parallel.py --out "$OUT" --precision highest \
     ${PARALLEL_ARGS:---hs 16 64 4 256 --grad-h 16 --repeats 5}
 # shellcheck disable=SC2086
-phase bench 170 "$LOG" "$PY" -m jax_rnn bench --precision highest --out "$OUT" \
-    ${BENCH_ARGS:---configs t1000_b32 t1000_b1 t200_b64 t10000_b8 --cells elman gru lstm \
+phase bench 250 "$LOG" "$PY" -m jax_rnn bench --precision highest --out "$OUT" \
+    ${BENCH_ARGS:---configs t1000_b32 t10000_b8 t200_b64 t1000_b1 --cells elman gru lstm \
     --peers scan flax equinox torch --repeats 5 --budget 0.5}
 export JAX_DEFAULT_MATMUL_PRECISION=highest
 # shellcheck disable=SC2086
-phase tests 90 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -v ${TEST_ARGS:--n 8} \
+phase tests 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -v ${TEST_ARGS:--n 8} \
     tests/test_fused.py tests/test_parallel.py tests/test_unroll_parallel.py \
     tests/test_gated_cells.py tests/test_core.py >/dev/null
 # shellcheck disable=SC2086

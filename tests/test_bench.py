@@ -288,6 +288,7 @@ def test_parallel_benchmark_script_agrees_with_sequential(tmp_path, monkeypatch)
             # T=1: the default guess (the step evaluated at carry0) is already exact.
             assert (r["iterations"] == 0) if r["T"] == 1 else (r["iterations"] >= 1), r
             assert r["max_abs_diff_vs_sequential"] < 1e-9, r
+            assert r["max_rel_diff_vs_sequential"] < 1e-9, r
         if r["method"] == "torch" and r["mode"] == "forward":
             assert r["max_abs_diff_vs_sequential"] < 1e-9, r
     md = (tmp_path / "parallel.md").read_text()
