@@ -30,6 +30,7 @@ from ._lstm import lstm as lstm
 from ._lstm import lstm_step as lstm_step
 from ._parallel import ParallelInfo as ParallelInfo
 from ._parallel import parallel_solve as parallel_solve
+from ._parallel import register_jacobian_diagonal as register_jacobian_diagonal
 from ._seed import seed_example as seed_example
 from ._types import Cell as Cell
 from ._types import StepOutput as StepOutput
@@ -68,6 +69,7 @@ __all__ = [
     "output_jacobian",
     "parallel_solve",
     "reference",
+    "register_jacobian_diagonal",
     "seed_example",
     "unroll",
 ]

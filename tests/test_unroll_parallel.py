@@ -68,6 +68,18 @@ def test_float32_and_stacked_bidirectional_with_info():
         assert 0 < int(layer_info.iterations) <= 30
     _, _, info_seq = jax_rnn.unroll(model, params, xs, return_info=True)
     assert info_seq == (jax_rnn.BidirectionalState(None, None), None)
+    # float32 gradients through the stack (every layer's adjoint solve): 1e-5 of each
+    # leaf's largest entry, the bar's float32 tolerance.
+    def loss(method, p):
+        final, ys = jax_rnn.unroll(model, p, xs, seq_lengths=lengths, method=method)
+        return jnp.sum(jnp.sin(ys.output)) + sum(jnp.sum(f**2) for f in jax.tree.leaves(final))
+
+    got = jax.grad(functools.partial(loss, "quasi_deer"))(params)
+    want = jax.grad(functools.partial(loss, "sequential"))(params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.dtype == np.float32
+        scale = max(1.0, float(np.abs(w).max()))
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * scale)
 
 
 def test_expansive_weights_fall_back_or_raise_never_wrong():
@@ -193,3 +205,68 @@ def test_masked_jacobians_and_diagonals_are_those_of_the_masked_step(kind, cut_s
             jacobian = _masked_derivative(jacobian_of(cell.step), _identity_matrices)
             np.testing.assert_allclose(jacobian((params, c0), carry, inp), want,
                                        rtol=1e-12, atol=1e-12)
+
+
+def _leaky(params, h, x):  # h' = h/2 + tanh(x u + h w)/2: a user step
+    h = 0.5 * h + 0.5 * jnp.tanh(x @ params["u"] + h @ params["w"])
+    return h, h
+
+
+def test_a_registered_diagonal_of_a_user_cell_is_used_by_unroll():
+    """register_jacobian_diagonal (public) reaches unroll(method="quasi_deer") for a Cell
+    with that step: the diagonal runs (the generic path would not call it), and values
+    and gradients equal the sequential unroll's (float64, 1e-10)."""
+    calls = []
+
+    def diagonal(params, h, x):
+        calls.append(1)
+        slope = 1 - jnp.tanh(x @ params["u"] + h @ params["w"]) ** 2
+        return 0.5 + 0.5 * slope * jnp.diagonal(params["w"])
+
+    jax_rnn.register_jacobian_diagonal(_leaky, diagonal)
+    cell = jax_rnn.Cell(None, _leaky, lambda p, batch=(): jnp.zeros((*batch, 3)))  # type: ignore[arg-type]
+    rng = np.random.default_rng(4)
+    params = {"u": rng.normal(size=(2, 3)), "w": 0.8 * rng.normal(size=(3, 3))}
+    xs = rng.normal(size=(20, 2, 2))
+
+    def loss(method, p, x):
+        final, ys = jax_rnn.unroll(cell, p, x, method=method)
+        return jnp.sum(jnp.sin(ys)) + jnp.sum(final**2)
+
+    got = jax.value_and_grad(functools.partial(loss, "quasi_deer"), argnums=(0, 1))(params, xs)
+    assert calls
+    want = jax.value_and_grad(functools.partial(loss, "sequential"), argnums=(0, 1))(params, xs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_a_guess_without_the_lstm_cell_state_is_a_clear_error():
+    params = jax_rnn.lstm.init(jax.random.key(3), 2, 3, dtype=np.float64)
+    xs = np.random.default_rng(3).normal(size=(8, 2))
+    _, ys = jax_rnn.unroll(jax_rnn.lstm, params, xs)
+    with pytest.raises(ValueError, match=r"`guess` must hold the carries stacked over time, "
+                       r"structured like the carry .*LSTMState\(h=\.\.\., c=\.\.\.\)"):
+        jax_rnn.unroll(jax_rnn.lstm, params, xs, method="deer", guess=ys.state)
+    c = np.zeros_like(ys.state)  # both trajectories: accepted (c is a poor guess, still right)
+    _, ys2 = jax_rnn.unroll(jax_rnn.lstm, params, xs, method="deer",
+                            guess=jax_rnn.LSTMState(ys.state, c))
+    np.testing.assert_allclose(ys2.state, ys.state, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_fallback_is_the_plain_scan_unroll_for_chaotic_dynamics():
+    """Where Newton cannot converge (tanh weights of spectral radius 10: chaotic), the
+    fallback returns exactly what unroll(impl="scan") returns. The default fused path
+    rounds differently, and chaos amplifies that: the two sequential results differ far
+    beyond 1e-5 here, which is why the float32 bar holds only where the problem is
+    well conditioned (docs/parallel.md)."""
+    params = jax_rnn.elman.init(jax.random.key(5), 3, 8, None, dtype=np.float32)
+    w = np.asarray(params.w_cell_state, np.float64)
+    params = params._replace(
+        w_cell_state=(w * 10.0 / np.abs(np.linalg.eigvals(w)).max()).astype(np.float32))
+    xs = np.random.default_rng(5).normal(size=(500, 4, 3)).astype(np.float32)
+    _, ys, info = jax_rnn.unroll(jax_rnn.elman, params, xs, method="deer", return_info=True)
+    _, scan = jax_rnn.unroll(jax_rnn.elman, params, xs, impl="scan")
+    _, fused = jax_rnn.unroll(jax_rnn.elman, params, xs)
+    assert bool(info.fell_back) and not bool(info.converged)
+    np.testing.assert_array_equal(ys.state, scan.state)
+    assert np.abs(fused.state - scan.state).max() > 1e-3  # rounding, amplified by chaos
