@@ -593,11 +593,12 @@ def _flat_guess(layout: _Layout, guess: Any, length: int) -> Array:
     try:
         leaves = layout.treedef.flatten_up_to(guess)
     except (TypeError, ValueError) as err:
+        hint = (" For an LSTM the carry is LSTMState(h, c), and the outputs' `state` holds h "
+                "only: pass LSTMState(h=..., c=...) with both trajectories, or no guess."
+                if "LSTMState" in str(layout.treedef) else "")
         raise ValueError(
             f"`{_WHERE}`: `guess` must hold the carries stacked over time, structured like "
-            f"the carry ({layout.treedef}); got {jax.tree.structure(guess)}. For an LSTM "
-            "the carry is LSTMState(h, c), and the outputs' `state` holds h only: pass "
-            "LSTMState(h=..., c=...) with both trajectories, or no guess."
+            f"the carry ({layout.treedef}); got {jax.tree.structure(guess)}.{hint}"
         ) from err
     for leaf, shape in zip(leaves, layout.feature_shapes, strict=True):
         want = (length, *layout.batch_shape, *shape)

@@ -880,6 +880,10 @@ def _call(where: str, jitted: Any, cell: Any, params: Any, prep: Any, seq_length
         start = text.find("`jax_rnn.parallel_solve`")
         message = text[start:].splitlines()[0] if start >= 0 else text
         raise ValueError(message.replace("jax_rnn.parallel_solve", where, 1)) from err
+    except ValueError as err:  # a bad guess: name the function the caller called
+        if not str(err).startswith("`jax_rnn.parallel_solve`: `guess`"):
+            raise
+        raise ValueError(str(err).replace("jax_rnn.parallel_solve", where, 1)) from None
     except TypeError as err:
         if "forward-mode autodiff" not in str(err):
             raise

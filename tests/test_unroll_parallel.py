@@ -244,8 +244,9 @@ def test_a_guess_without_the_lstm_cell_state_is_a_clear_error():
     params = jax_rnn.lstm.init(jax.random.key(3), 2, 3, dtype=np.float64)
     xs = np.random.default_rng(3).normal(size=(8, 2))
     _, ys = jax_rnn.unroll(jax_rnn.lstm, params, xs)
-    with pytest.raises(ValueError, match=r"`guess` must hold the carries stacked over time, "
-                       r"structured like the carry .*LSTMState\(h=\.\.\., c=\.\.\.\)"):
+    with pytest.raises(ValueError, match=r"^`jax_rnn.unroll`: `guess` must hold the carries "
+                       r"stacked over time, structured like the carry .*LSTMState\(h=\.\.\., "
+                       r"c=\.\.\.\)"):
         jax_rnn.unroll(jax_rnn.lstm, params, xs, method="deer", guess=ys.state)
     c = np.zeros_like(ys.state)  # both trajectories: accepted (c is a poor guess, still right)
     _, ys2 = jax_rnn.unroll(jax_rnn.lstm, params, xs, method="deer",
@@ -265,8 +266,10 @@ def test_float32_fallback_is_the_plain_scan_unroll_for_chaotic_dynamics():
         w_cell_state=(w * 10.0 / np.abs(np.linalg.eigvals(w)).max()).astype(np.float32))
     xs = np.random.default_rng(5).normal(size=(500, 4, 3)).astype(np.float32)
     _, ys, info = jax_rnn.unroll(jax_rnn.elman, params, xs, method="deer", return_info=True)
-    _, scan = jax_rnn.unroll(jax_rnn.elman, params, xs, impl="scan")
-    _, fused = jax_rnn.unroll(jax_rnn.elman, params, xs)
+    # the fallback's scan takes one step per loop iteration (unroll=1, the CPU default)
+    _, scan = jax_rnn.unroll(jax_rnn.elman, params, xs, impl="scan", unroll=1)
     assert bool(info.fell_back) and not bool(info.converged)
     np.testing.assert_array_equal(ys.state, scan.state)
-    assert np.abs(fused.state - scan.state).max() > 1e-3  # rounding, amplified by chaos
+    if jax.default_backend() == "cpu":  # measured here; other backends may round alike
+        _, fused = jax_rnn.unroll(jax_rnn.elman, params, xs)
+        assert np.abs(fused.state - scan.state).max() > 1e-3  # rounding, amplified by chaos
