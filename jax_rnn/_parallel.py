@@ -53,12 +53,17 @@ class ParallelInfo(NamedTuple):
             recurrence.
         fell_back: bool scalar, Newton did not converge and the states come from the
             sequential :func:`jax.lax.scan` instead (only with ``on_failure="fallback"``).
+        carries: the carry after every step, time-major (each carry leaf with a leading
+            ``T`` axis), in the caller's time order: the solution, ready to pass as
+            ``guess`` to the next call (a training loop's warm start; for an LSTM it holds
+            both ``h`` and ``c``). Gradients do not flow through it.
     """
 
     iterations: Array
     residual: Array
     converged: Array
     fell_back: Array
+    carries: Any = None
 
 
 # --------------------------------------------------------------------------------------
@@ -594,7 +599,8 @@ def _flat_guess(layout: _Layout, guess: Any, length: int) -> Array:
         leaves = layout.treedef.flatten_up_to(guess)
     except (TypeError, ValueError) as err:
         hint = (" For an LSTM the carry is LSTMState(h, c), and the outputs' `state` holds h "
-                "only: pass LSTMState(h=..., c=...) with both trajectories, or no guess."
+                "only: pass LSTMState(h=..., c=...) with both trajectories (a solve's "
+                "ParallelInfo.carries is one), or no guess."
                 if "LSTMState" in str(layout.treedef) else "")
         raise ValueError(
             f"`{_WHERE}`: `guess` must hold the carries stacked over time, structured like "
@@ -794,7 +800,8 @@ def parallel_solve(
         _, y = jax.eval_shape(step, params, carry0, one)
         ys = jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), y)
         info = ParallelInfo(
-            jnp.int32(0), jnp.zeros((), layout.dtype), jnp.ones((), bool), jnp.zeros((), bool)
+            jnp.int32(0), jnp.zeros((), layout.dtype), jnp.ones((), bool), jnp.zeros((), bool),
+            _no_steps(carry0),
         )
         return carry0, ys, info
     x0 = jax.tree.map(lambda a: a[0], xs)
@@ -854,4 +861,10 @@ def parallel_solve(
     prev = layout.unflatten(_previous(h0, states))
     new, ys = jax.vmap(step_ext, in_axes=(None, 0, 0))(params_ext, prev, xs)
     final = jax.tree.map(lambda a: a[-1], new)
+    info = info._replace(carries=jax.lax.stop_gradient(layout.unflatten(states)))
     return final, ys, info
+
+
+def _no_steps(carry0: Any) -> Any:
+    """The ``carries`` of a length-0 solve: every carry leaf with a time axis of 0."""
+    return jax.tree.map(lambda a: jnp.zeros((0, *jnp.shape(a)), jnp.result_type(a)), carry0)

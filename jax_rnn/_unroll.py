@@ -421,7 +421,10 @@ def _run_cell(
     if opts.method != "sequential":
         final, ys, info = _run_parallel(cell, params, carry0, xs, valid, resets, cut, reverse,
                                         guess, opts, batch_shape)
-        return final, (ys if perm is None else _take_time(ys, perm)), info
+        if perm is not None:  # back to the caller's time order (perm is its own inverse)
+            ys = _take_time(ys, perm)
+            info = info._replace(carries=_take_time(info.carries, perm))
+        return final, ys, info
     fused = fused_cell_of(cell, params) if opts.impl == "fused" and not chunk else None
     if fused is not None:
         final, ys = fused_unroll(fused, params, xs, carry0, valid, resets, cut, reverse,
@@ -460,10 +463,11 @@ def _run_cell(
 def _empty_info(opts: Options, carry0: Any) -> Any:
     if opts.method == "sequential":
         return None
-    from ._parallel import ParallelInfo
+    from ._parallel import ParallelInfo, _no_steps
 
     dtype = jax.tree.leaves(carry0)[0].dtype
-    return ParallelInfo(jnp.int32(0), jnp.zeros((), dtype), jnp.bool_(True), jnp.bool_(False))
+    return ParallelInfo(jnp.int32(0), jnp.zeros((), dtype), jnp.bool_(True), jnp.bool_(False),
+                        _no_steps(carry0))
 
 
 def _prepared(c0: Any, carry: Any, reset_t: Any, cut_t: Any) -> Any:
@@ -551,7 +555,8 @@ def _run_parallel(
         jacobian_diagonal=diagonal, batch_ndim=len(batch_shape), jacobian=jacobian,
     )
     if reverse:
-        ys = jax.tree.map(lambda a: jnp.flip(a, axis=0), ys)
+        ys, carries = jax.tree.map(lambda a: jnp.flip(a, axis=0), (ys, info.carries))
+        info = info._replace(carries=carries)
     return final, ys, info
 
 
@@ -741,7 +746,9 @@ def unroll(
             ``min(T, 100)``; ``T`` always suffices in exact arithmetic).
         guess: ``deer``/``quasi_deer``: an initial trajectory of carries, time-major
             ``(T, *batch, ...)`` per carry leaf and shaped like the model's final state
-            (a tuple per stack layer), e.g. the previous solution in a training loop.
+            (a tuple per stack layer), e.g. the previous solution in a training loop:
+            the previous call's ``info`` with each ``ParallelInfo`` replaced by its
+            ``carries`` (see ``return_info``).
         damping: ``deer``/``quasi_deer``: ``lambda >= 0`` divides the Jacobians by
             ``1 + lambda``, for expansive dynamics.
         on_failure: ``deer``/``quasi_deer``: when ``tol`` is not met within ``max_iter``

@@ -328,7 +328,9 @@ _CHUNK_CASES = [
 
 
 @pytest.mark.parametrize(("name", "t", "chunk", "batch", "kw"), [
-    *((name, *case) for name in ("elman", "gru", "lstm") for case in _CHUNK_CASES),
+    *((name, *case) for name in ("elman", "gru", "lstm") for case in _CHUNK_CASES
+      # chunks of 1 step once; one row only where a compact forward path exists
+      if not (case[1] == 1 and name != "elman") and not (case[2] == (1,) and name == "elman")),
     *((name, *_ALL_OPTIONS) for name in ("elman_relu", "elman_sigmoid", "elman_user",
                                          "elman_softmax")),
 ])

@@ -273,3 +273,44 @@ def test_float32_fallback_is_the_plain_scan_unroll_for_chaotic_dynamics():
     if jax.default_backend() == "cpu":  # measured here; other backends may round alike
         _, fused = jax_rnn.unroll(jax_rnn.elman, params, xs)
         assert np.abs(fused.state - scan.state).max() > 1e-3  # rounding, amplified by chaos
+
+
+# reverse=True runs the forward direction through the prefix-reversing index (with
+# lengths) or the flip (without), and the backward direction plainly.
+@pytest.mark.parametrize(("reverse", "lengths"), [(True, [11, 6]), (True, None)])
+def test_info_carries_warm_start_a_stack_with_an_lstm(reverse, lengths):
+    """return_info's ParallelInfo.carries is the solution in the caller's time order,
+    structured like the carry (an LSTM's h and c): passed back as `guess`, every layer
+    and direction of a stack starts solved (0 iterations) and gives the same result, with
+    seq_lengths and reverse. The carries equal the sequential unroll's states (float64)."""
+    model = jax_rnn.stack([jax_rnn.bidirectional(jax_rnn.gru), jax_rnn.lstm])
+    params = model.init(jax.random.key(8), 2, 3, 1, dtype=np.float64)
+    xs = np.random.default_rng(8).normal(size=(11, 2, 2))
+    lengths = None if lengths is None else np.array(lengths)
+    kw = dict(seq_lengths=lengths, reverse=reverse, method="deer", return_info=True)
+    final, ys, info = jax_rnn.unroll(model, params, xs, **kw)
+    is_info = lambda x: isinstance(x, jax_rnn.ParallelInfo)  # noqa: E731
+    guess = jax.tree.map(lambda i: i.carries, info, is_leaf=is_info)
+    assert isinstance(guess[1], jax_rnn.LSTMState)
+    final2, ys2, info2 = jax_rnn.unroll(model, params, xs, guess=guess, **kw)
+    for layer_info in jax.tree.leaves(info, is_leaf=is_info):
+        assert int(layer_info.iterations) > 0
+    for layer_info in jax.tree.leaves(info2, is_leaf=is_info):
+        assert int(layer_info.iterations) == 0 and bool(layer_info.converged)
+    for a, b in zip(jax.tree.leaves((final2, ys2)), jax.tree.leaves((final, ys)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+    # The top layer's carries against the sequential unroll of the same stack: its h are
+    # the model's output states (valid steps; padded steps carry the final state through).
+    _, ys_seq = jax_rnn.unroll(model, params, xs, seq_lengths=kw["seq_lengths"],
+                               reverse=reverse)
+    valid = 11 if lengths is None else 6
+    np.testing.assert_allclose(guess[1].h[:valid, 1], ys_seq.state[:valid, 1], rtol=1e-10,
+                               atol=1e-10)
+    np.testing.assert_allclose(guess[1].h[:, 0], ys_seq.state[:, 0], rtol=1e-10, atol=1e-10)
+
+
+def test_info_carries_of_an_empty_sequence():
+    params = jax_rnn.lstm.init(jax.random.key(9), 2, 3, dtype=np.float32)
+    _, _, info = jax_rnn.unroll(jax_rnn.lstm, params, np.zeros((0, 4, 2), np.float32),
+                                method="deer", return_info=True)
+    assert info.carries.h.shape == info.carries.c.shape == (0, 4, 3)
