@@ -305,6 +305,7 @@ class Options(NamedTuple):
     damping: float | None = None
     on_failure: str = "fallback"
     vmapped: bool = False  # batched by a vmap around unroll: no one-sequence fast paths
+    keep_carries: bool = False  # return_info: keep ParallelInfo.carries (else dropped)
 
 
 def cast_floats(tree: Any, dtype: np.dtype | None) -> Any:
@@ -649,7 +650,16 @@ def _unroll_jit(
     )
     if not time_major:
         ys = jax.tree.map(lambda a: jnp.moveaxis(a, 0, len(batch_shape)), ys)
+    if not opts.keep_carries:  # not asked for: no trajectory-sized output of an eager call
+        info = _without_carries(info)
     return final, ys, info
+
+
+def _without_carries(info: Any) -> Any:
+    from ._parallel import ParallelInfo
+
+    return jax.tree.map(lambda i: i._replace(carries=None) if isinstance(i, ParallelInfo)
+                        else i, info, is_leaf=lambda x: isinstance(x, ParallelInfo))
 
 
 def _has_dropout(model: Any) -> bool:
@@ -851,7 +861,8 @@ def checked_call(
     opts = Options(bool(reverse), unroll, remat, None if truncate is None else int(truncate),
                    impl, method, tol, max_iter, damping,
                    "ignore" if check_on_host else on_failure,
-                   _checks.is_vmapped((params, prep.xs, prep.state0, dropout_key)))
+                   _checks.is_vmapped((params, prep.xs, prep.state0, dropout_key)),
+                   bool(return_info))
     result = _call(where, jitted, cell, params, prep, seq_lengths, resets, dropout_key, guess,
                    opts, time_major)
     if check_on_host:

@@ -314,3 +314,22 @@ def test_info_carries_of_an_empty_sequence():
     _, _, info = jax_rnn.unroll(jax_rnn.lstm, params, np.zeros((0, 4, 2), np.float32),
                                 method="deer", return_info=True)
     assert info.carries.h.shape == info.carries.c.shape == (0, 4, 3)
+
+
+def test_carries_are_not_an_output_unless_info_is_asked_for(monkeypatch):
+    """Without return_info the compiled call does not return the trajectory-sized
+    carries (an eager call would otherwise hold a second copy of the states)."""
+    seen = []
+    jitted = jax_rnn._unroll._unroll_jit
+
+    def spy(*args, **kwargs):
+        result = jitted(*args, **kwargs)
+        seen.append(result[2])
+        return result
+
+    monkeypatch.setattr(jax_rnn._unroll, "_unroll_jit", spy)
+    params = jax_rnn.lstm.init(jax.random.key(10), 2, 3, dtype=np.float64)
+    xs = np.random.default_rng(10).normal(size=(6, 2))
+    jax_rnn.unroll(jax_rnn.lstm, params, xs, method="deer")
+    jax_rnn.unroll(jax_rnn.lstm, params, xs, method="deer", return_info=True)
+    assert seen[0].carries is None and seen[1].carries.c.shape == (6, 3)
