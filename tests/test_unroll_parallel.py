@@ -283,7 +283,7 @@ def test_info_carries_warm_start_a_stack_with_an_lstm(reverse, lengths):
     structured like the carry (an LSTM's h and c): passed back as `guess`, every layer
     and direction of a stack starts solved (0 iterations) and gives the same result, with
     seq_lengths and reverse. The carries equal the sequential unroll's states (float64)."""
-    model = jax_rnn.stack([jax_rnn.bidirectional(jax_rnn.gru), jax_rnn.lstm])
+    model = jax_rnn.stack([jax_rnn.bidirectional(jax_rnn.elman), jax_rnn.lstm])
     params = model.init(jax.random.key(8), 2, 3, 1, dtype=np.float64)
     xs = np.random.default_rng(8).normal(size=(11, 2, 2))
     lengths = None if lengths is None else np.array(lengths)
