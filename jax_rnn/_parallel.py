@@ -799,11 +799,7 @@ def parallel_solve(
         one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), xs)
         _, y = jax.eval_shape(step, params, carry0, one)
         ys = jax.tree.map(lambda s: jnp.zeros((0, *s.shape), s.dtype), y)
-        info = ParallelInfo(
-            jnp.int32(0), jnp.zeros((), layout.dtype), jnp.ones((), bool), jnp.zeros((), bool),
-            _no_steps(carry0),
-        )
-        return carry0, ys, info
+        return carry0, ys, empty_info(carry0, layout.dtype)
     x0 = jax.tree.map(lambda a: a[0], xs)
     _check_structure(step, params, carry0, x0)
     tol = default_tol(layout.dtype) if tol is None else float(tol)
@@ -865,6 +861,9 @@ def parallel_solve(
     return final, ys, info
 
 
-def _no_steps(carry0: Any) -> Any:
-    """The ``carries`` of a length-0 solve: every carry leaf with a time axis of 0."""
-    return jax.tree.map(lambda a: jnp.zeros((0, *jnp.shape(a)), jnp.result_type(a)), carry0)
+def empty_info(carry0: Any, dtype: Any) -> ParallelInfo:
+    """The info of a length-0 solve: nothing to iterate, converged, and ``carries`` with
+    a time axis of 0 on every carry leaf (``dtype``: the residual's)."""
+    carries = jax.tree.map(lambda a: jnp.zeros((0, *jnp.shape(a)), jnp.result_type(a)), carry0)
+    return ParallelInfo(jnp.int32(0), jnp.zeros((), dtype), jnp.ones((), bool),
+                        jnp.zeros((), bool), carries)

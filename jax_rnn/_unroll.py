@@ -423,8 +423,8 @@ def _run_cell(
         final, ys, info = _run_parallel(cell, params, carry0, xs, valid, resets, cut, reverse,
                                         guess, opts, batch_shape)
         if perm is not None:  # back to the caller's time order (perm is its own inverse)
-            ys = _take_time(ys, perm)
-            info = info._replace(carries=_take_time(info.carries, perm))
+            ys, carries = _take_time((ys, info.carries), perm)
+            info = info._replace(carries=carries)
         return final, ys, info
     fused = fused_cell_of(cell, params) if opts.impl == "fused" and not chunk else None
     if fused is not None:
@@ -464,11 +464,9 @@ def _run_cell(
 def _empty_info(opts: Options, carry0: Any) -> Any:
     if opts.method == "sequential":
         return None
-    from ._parallel import ParallelInfo, _no_steps
+    from ._parallel import empty_info
 
-    dtype = jax.tree.leaves(carry0)[0].dtype
-    return ParallelInfo(jnp.int32(0), jnp.zeros((), dtype), jnp.bool_(True), jnp.bool_(False),
-                        _no_steps(carry0))
+    return empty_info(carry0, jax.tree.leaves(carry0)[0].dtype)
 
 
 def _prepared(c0: Any, carry: Any, reset_t: Any, cut_t: Any) -> Any:
