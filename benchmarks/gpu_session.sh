@@ -10,9 +10,12 @@
 # (default 560), most important first:
 #   1. benchmarks/parallel.py: sequential vs DEER vs quasi-DEER vs cuDNN nn.RNN over
 #      T in 10^2..10^5 and H in 4..256 (forward; forward+backward at H=16);
-#   2. jax-rnn bench on the issue's sizes against scan, Flax, Equinox and cuDNN;
-#   3. the correctness tests of the fast and parallel paths, run on the GPU;
-#   4. benchmarks/unroll_factor.py: scan's unroll factor on this backend.
+#   2. benchmarks/gpu_kernels.py: the Elman cell's one-kernel loops against XLA's loop
+#      and cuDNN (and, with --max-hidden 128, where they are not used);
+#   3. jax-rnn bench on the issue's sizes against scan, Flax, Equinox and cuDNN;
+#   4. the correctness tests of the fast and parallel paths and of the kernels, run on
+#      the GPU;
+#   5. benchmarks/unroll_factor.py: scan's unroll factor on this backend.
 # Every phase runs with full float32 matrix products (JAX "highest", PyTorch TF32 off),
 # so that the comparisons are like for like and the tests' float32 tolerances hold.
 set -u
@@ -59,13 +62,16 @@ for m in ('flax', 'equinox', 'dm-haiku', 'rich', 'matplotlib', 'optax'):
 phase parallel 140 "$LOG" "$PY" benchmarks/parallel.py --out "$OUT" --precision highest \
     ${PARALLEL_ARGS:---hs 16 64 4 256 --grad-h 16 --repeats 5}
 # shellcheck disable=SC2086
+phase kernels 200 "$LOG" "$PY" benchmarks/gpu_kernels.py --out "$OUT" \
+    ${KERNELS_ARGS:---max-hidden 128 --repeats 7}
+# shellcheck disable=SC2086
 phase bench 250 "$LOG" "$PY" -m jax_rnn bench --precision highest --out "$OUT" \
     ${BENCH_ARGS:---configs t1000_b32 t10000_b8 t200_b64 t1000_b1 --cells elman gru lstm \
     --peers scan flax equinox torch --repeats 5 --budget 0.5}
 export JAX_DEFAULT_MATMUL_PRECISION=highest
 # shellcheck disable=SC2086
 phase tests 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -v ${TEST_ARGS:--n 8} \
-    tests/test_fused.py tests/test_parallel.py tests/test_unroll_parallel.py \
+    tests/test_kernels.py tests/test_fused.py tests/test_parallel.py tests/test_unroll_parallel.py \
     tests/test_gated_cells.py tests/test_core.py >/dev/null
 # shellcheck disable=SC2086
 phase unroll_factor 50 "$LOG" "$PY" benchmarks/unroll_factor.py ${UNROLL_ARGS:---repeats 5}

@@ -43,6 +43,11 @@ cell states in the forward loop and precomputes every derivative coefficient for
 backward loop; the GRU's forward loop does one product per step and keeps one array of
 gates, and its backward loop is the general one (see the comment above ``_compact``).
 
+On an NVIDIA GPU, an Elman cell's two loops (tanh or relu, float32, one batch axis, at
+most 128 hidden units, no masked, reset or cut steps) run as one Pallas kernel each
+instead of XLA's while loops (:mod:`jax_rnn._kernels`): the forward pass after the
+hoisted projection, and the backward loop; the contractions around them are the same.
+
 Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``: use
 ``unroll(..., impl="scan")`` for it (reverse-over-reverse works on both).
 """
@@ -59,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from . import _kernels
 from ._elman import ElmanParams
 from ._gru import GRUParams, gru_step
 from ._lstm import LSTMParams, LSTMState, lstm_step
@@ -106,6 +112,9 @@ class FusedCell(NamedTuple):
             pre, tape)``, the differentiated forward pass for one sequence of a small
             hidden size on a CPU (see ``_compact``), or ``None``.
         compact_max_hidden: the widest hidden size ``compact_forward`` is used for.
+        kernel: the activation's name in :mod:`jax_rnn._kernels` (``"tanh"``,
+            ``"relu"``) where an Elman cell's loops can run as one GPU kernel each, or
+            ``None``.
     """
 
     input_bias: Callable[[Any], Array | None]
@@ -118,6 +127,7 @@ class FusedCell(NamedTuple):
     additive: bool = False
     compact_forward: Callable[..., tuple[Any, Array, Any]] | None = None
     compact_max_hidden: int = 0
+    kernel: str | None = None
 
 
 def _sum_biases(*biases: Array | None) -> Array | None:
@@ -198,6 +208,7 @@ def _elman_fused(activation: Callable[[Array], Array]) -> FusedCell:
         step_back=_elman_step_back(back),
         gate_grads=_same,
         additive=True,
+        kernel={jnp.tanh: "tanh", jax.nn.relu: "relu"}.get(activation),
     )
 
 
@@ -550,9 +561,37 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
     Evaluated without differentiation it is a plain loop; differentiated, the forward
     pass hoists the input projection and the backward pass is fused (module docstring).
     """
+    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut))
+    if kernel is not None:
+        final, tape = _kernel_forward(kernel, reverse, w_in, b_in, w, xs, carry0)
+        return final, tape.pre, tape.state
     final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
                            residuals=False, projection=(w_in, b_in))
     return final, tape.pre, tape.state
+
+
+def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array,
+            masks: tuple[Any, ...]) -> str | None:
+    """The kernel activation (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one GPU
+    kernel each: an Elman cell with tanh or relu, float32, one batch axis, a hidden size
+    of at most ``_kernels.MAX_HIDDEN``, at least one step and no masked, reset or cut
+    steps; else ``None``. (The backward pass asks again with ``d_pre`` for ``xs``: the
+    same answer as the forward pass's.)"""
+    if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim != 3
+            or xs.shape[0] == 0 or _kernels.mode() == "off"):
+        return None
+    h = fc.hidden(carry0)
+    ok = (h.shape == xs.shape[1:2] + h.shape[-1:] and h.shape[-1] <= _kernels.MAX_HIDDEN
+          and all(a.dtype == jnp.float32 for a in (xs, h, w)))
+    return fc.kernel if ok else None
+
+
+def _kernel_forward(kernel: str, reverse: bool, w_in: Array, b_in: Array | None, w: Array,
+                    xs: Array, carry0: Array) -> tuple[Array, Tape]:
+    """An Elman cell's forward loop as one kernel: ``(final, tape)``."""
+    pre, state = _kernels.forward(kernel, reverse, _kernels.mode() == "interpret",
+                                  _project(xs, w_in, b_in), w, carry0)
+    return state[0 if reverse else -1], Tape(None, pre, state, ())
 
 
 def _project_per_step() -> bool:
@@ -571,7 +610,10 @@ def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid
         final, pre, tape = compact_forward(reverse, unroll, w_in, b_in, w, b, xs, carry0)
         res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0))
         return (final, pre, tape.state), res
-    if _project_per_step():
+    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut))
+    if kernel is not None:
+        final, tape = _kernel_forward(kernel, reverse, w_in, b_in, w, xs, carry0)
+    elif _project_per_step():
         final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
                                projection=(w_in, b_in), cut=cut)
     else:
@@ -727,6 +769,12 @@ def _by_chunks(back: Callable[[Any, Any, Array], tuple[Any, Any]], carry: Any, s
 def _fused_loop_back(fc, reverse, unroll, w, valid, keep, to_carry0, tape, carry, d_pre, d_state):  # noqa: ANN001
     """The backward loop over ``tape``'s steps from ``carry = (d_carry, d_carry0)`` (the
     latter ``None`` without resets): ``(carry, d_out)``."""
+    d_carry, d_carry0 = carry
+    kernel = _kernel(fc, d_pre, d_carry, w, (valid, keep, to_carry0))
+    if kernel is not None:  # the forward loop ran as a kernel too: ``_kernel`` said so
+        d_out, d_carry = _kernels.backward(kernel, reverse, _kernels.mode() == "interpret",
+                                           tape.state, d_state, d_pre, w.T, d_carry)
+        return (d_carry, d_carry0), d_out
     inputs = fc.prepare(tape, d_pre, d_state)
     w_t = w.T  # transposed once: XLA CPU multiplies by a transposed operand more slowly
 

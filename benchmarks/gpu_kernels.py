@@ -1,0 +1,170 @@
+"""The Elman cell's one-kernel loops (jax_rnn._kernels) against XLA's loop and cuDNN, on a GPU.
+
+    python benchmarks/gpu_kernels.py --out DIR [--repeats 7] [--sizes t1000_b32 ...]
+
+For each size, in one process: ``jax_rnn.unroll(elman, ...)`` forward and forward+backward
+(loss = sum of the states, gradient with respect to every parameter) with the kernels
+(``"kernel"``: the default on an NVIDIA GPU; ``"kernel_*"``: the same with 8 warps
+instead of 4, or with ``w`` kept in registers or not), with them off (``"xla"``: the
+fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's cuDNN
+``nn.RNN(tanh)`` on the same weights. ``--max-hidden`` lets the kernels run at hidden
+sizes over ``jax_rnn._kernels.MAX_HIDDEN``, to measure them there. float32 with
+full-precision products everywhere (JAX "highest", PyTorch's TF32 off). Every variant is
+compiled first; then the variants are timed in turn, round after round, and each figure
+is the median over the rounds (a round averages back-to-back calls when one call is
+short). The states and gradients of every JAX variant are compared with the ``"xla"``
+variant's (largest difference over the largest entry).
+Writes ``DIR/kernels.json`` and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_rnn
+from jax_rnn import _bench_peers as bp
+from jax_rnn import _kernels
+
+SIZES = {  # T, B, I, H: three of the issue #4 bench sizes, and one at H = 64 with B = 32
+    "t1000_b1": (1000, 1, 16, 32),
+    "t10000_b8": (10000, 8, 32, 64),
+    "t1000_b32_h64": (1000, 32, 64, 64),
+    "t1000_b32": (1000, 32, 64, 128),
+    "tiny": (20, 3, 2, 8),  # a smoke test; on a CPU the kernels run interpreted
+}
+VARIANTS = {  # name: (JAX_RNN_KERNELS, {knob of jax_rnn._kernels: value})
+    "xla": ("off", {}),
+    "kernel": ("auto", {}),
+    "kernel_8warps": ("auto", {"_NUM_WARPS": 8}),
+    "kernel_hoist_flipped": ("auto", {"_HOIST_MAX": "flip"}),
+}
+
+
+def _compile(variant: str, hidden: int, params: Any, xs: Any) -> tuple[Any, Any, float]:
+    """AOT-compiled forward and forward+backward of one variant, and the compile time."""
+    mode, knobs = VARIANTS[variant]
+    saved = {k: getattr(_kernels, k) for k in ("MODE", *knobs)}
+    _kernels.MODE = "interpret" if mode == "auto" and jax.default_backend() == "cpu" else mode
+    for knob, value in knobs.items():
+        if value == "flip":  # the other side of the default's choice for this hidden size
+            value = 0 if hidden <= saved[knob] else 1 << 20
+        setattr(_kernels, knob, value)
+    jax.clear_caches()  # unroll's traces hold the kernel choice
+    try:
+        def forward(p, x):
+            return jax_rnn.unroll(jax_rnn.elman, p, x)[1].state
+
+        def loss(p, x):
+            return jnp.sum(forward(p, x))
+
+        start = time.perf_counter()
+        fwd = jax.jit(forward).lower(params, xs).compile()
+        grad = jax.jit(jax.grad(loss)).lower(params, xs).compile()
+        jax.block_until_ready((fwd(params, xs), grad(params, xs)))
+        uses = "pallas_call" in str(jax.make_jaxpr(jax.grad(loss))(params, xs))
+        return (fwd, grad), uses, time.perf_counter() - start
+    finally:
+        for knob, value in saved.items():
+            setattr(_kernels, knob, value)
+        jax.clear_caches()
+
+
+def _sample(call: Any, budget: float = 0.02) -> float:
+    """Seconds per call: one call, or the mean of back-to-back calls when one is short."""
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    once = time.perf_counter() - start
+    if once >= budget:
+        return once
+    n = max(2, int(budget / max(once, 1e-6)))
+    start = time.perf_counter()
+    for _ in range(n):
+        out = call()
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / n
+
+
+def _rel(a: Any, b: Any) -> float:
+    pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+    diff = max(float(jnp.abs(x - y).max()) for x, y in pairs)
+    scale = max(float(jnp.abs(y).max()) for _, y in pairs)
+    return diff / scale if scale else diff
+
+
+def run_size(name: str, repeats: int, variants: list[str]) -> list[dict]:
+    t, b, i, h = SIZES[name]
+    params = jax_rnn.elman.init(jax.random.key(0), i, h, dtype=jnp.float32)
+    xs = jax.random.normal(jax.random.key(1), (t, b, i), jnp.float32)
+    calls: dict[str, dict[str, Any]] = {}
+    records = []
+    for v in variants:
+        (fwd, grad), uses, seconds = _compile(v, h, params, xs)
+        calls[v] = {"forward": lambda f=fwd: f(params, xs),
+                    "fwd+bwd": lambda g=grad: g(params, xs)}
+        records.append(dict(size=name, T=t, B=b, I=i, H=h, impl=v, uses_kernel=uses,
+                            compile_s=seconds))
+    try:
+        runner = bp.torch_runners("elman", jax.tree.map(np.asarray, params), np.asarray(xs))[0]
+        calls["cudnn"] = {"forward": runner.forward, "fwd+bwd": runner.fwd_bwd}
+        records.append(dict(size=name, T=t, B=b, I=i, H=h, impl="cudnn",
+                            device=bp.torch_device()))
+    except ImportError:
+        pass
+    ref = calls["xla"]["forward"](), calls["xla"]["fwd+bwd"]()
+    for r in records:
+        if r["impl"] not in ("xla", "cudnn"):
+            r["rel_diff_states"] = _rel(calls[r["impl"]]["forward"](), ref[0])
+            r["rel_diff_grads"] = _rel(calls[r["impl"]]["fwd+bwd"](), ref[1])
+    samples: dict[tuple[str, str], list[float]] = {}
+    for _ in range(repeats):
+        for v, modes in calls.items():
+            for mode, call in modes.items():
+                samples.setdefault((v, mode), []).append(_sample(call))
+    for r in records:
+        for mode in ("forward", "fwd+bwd"):
+            r[f"{mode}_ms"] = 1e3 * statistics.median(samples[(r["impl"], mode)])
+        print(json.dumps(r), flush=True)
+    return records
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="gpu-kernels-out")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
+                        choices=list(VARIANTS))
+    parser.add_argument("--max-hidden", type=int, default=_kernels.MAX_HIDDEN)
+    args = parser.parse_args()
+    _kernels.MAX_HIDDEN = args.max_hidden
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
+                max_hidden=args.max_hidden,
+                kernels_mode=_kernels.mode(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    print(json.dumps(meta), flush=True)
+    records: list[dict] = []
+    with bp.full_float32(torch_too=True):
+        for name in args.sizes:
+            records += run_size(name, args.repeats, list(args.variants))
+            (out / "kernels.json").write_text(json.dumps(dict(meta=meta, records=records),
+                                                         indent=1))
+    print("| size | impl | fwd ms | fwd+bwd ms | compile s | kernel | rel diff states/grads |")
+    print("|---|---|---:|---:|---:|---|---|")
+    for r in records:
+        print(f"| {r['size']} | {r['impl']} | {r['forward_ms']:.3f} | {r['fwd+bwd_ms']:.3f} "
+              f"| {r.get('compile_s', float('nan')):.1f} | {r.get('uses_kernel', '-')} "
+              f"| {r.get('rel_diff_states', '-')} / {r.get('rel_diff_grads', '-')} |")
+
+
+if __name__ == "__main__":
+    main()

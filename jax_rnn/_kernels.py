@@ -1,0 +1,256 @@
+"""One-kernel recurrences for GPUs: the Elman cell's sequential loops as Pallas kernels.
+
+On a GPU, XLA runs a ``lax.scan`` as a while loop that launches a few kernels per step;
+at the sizes RNNs are trained at, that launch latency (microseconds per step), not the
+arithmetic, sets the time. cuDNN's RNN kernels avoid it by running the whole loop inside
+one kernel. The kernels here do the same for the two sequential loops of the fused path
+(:mod:`jax_rnn._fused`) of an Elman cell:
+
+- ``forward``: ``pre_t = gx_t + h_{t-1} @ w``, ``h_t = act(pre_t)`` for every step, from
+  the projected inputs ``gx`` (the input product for all steps, done before by XLA);
+- ``backward``: ``d pre_t = act'(h_t) (d h_t + d state_t) + d pre_t`` and ``d h_{t-1} =
+  d pre_t @ w.T`` in the backward order; the weight gradients are one contraction each
+  afterwards, as in the fused path.
+
+Each kernel instance (``pallas_call`` program, a thread block) runs the loop over time
+for one batch row, which is independent of the others, holding ``w`` in registers: a
+step is a vector-matrix product (a broadcast multiply and a sum, float32 throughout),
+the activation, and the stores of that step's results. This is for small hidden sizes
+(at most :data:`MAX_HIDDEN`), where XLA's loop is latency-bound; on an H200 it made the
+Elman cell's forward+backward 3-8x faster than XLA's loop and 0.9-1.6x cuDNN's time
+(docs/performance.md). The hidden size is padded with zeros to a power of two (Triton's
+arrays): a padded unit stays 0 (``tanh(0) = relu(0) = 0``) and its rows of ``w`` are 0,
+so it never reaches a real unit.
+
+The kernels are pure functions of arrays; :func:`forward` and :func:`backward` wrap each
+in a :func:`jax.custom_jvp` whose tangent is the same recurrence's written with
+``lax.scan``, so that reverse-over-reverse differentiation and ``jax.vmap`` go through
+them. ``interpret=True`` (the tests, on a CPU) runs the same kernels in Pallas's
+interpreter.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import Array
+
+MODE = os.environ.get("JAX_RNN_KERNELS", "auto").strip().lower()
+"""``"auto"`` (default): the kernels run where JAX's default backend is an NVIDIA GPU;
+``"off"``: never (XLA's loops everywhere); ``"interpret"``: everywhere, in Pallas's
+interpreter (for tests on a CPU). Read from the environment variable ``JAX_RNN_KERNELS``
+at import."""
+
+
+def mode() -> str:
+    """``"gpu"``, ``"interpret"`` or ``"off"``: whether, and how, the kernels run now."""
+    if MODE in ("off", "interpret"):
+        return MODE
+    if MODE != "auto":
+        raise ValueError(f"jax_rnn: the environment variable JAX_RNN_KERNELS must be "
+                         f"\"auto\", \"off\" or \"interpret\", got {MODE!r}: unset it for "
+                         f"the default (\"auto\")")
+    if jax.default_backend() != "gpu" or not _triton_available():
+        return "off"
+    version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
+    return "gpu" if "cuda" in version else "off"
+
+
+@functools.cache
+def _triton_available() -> bool:
+    """Whether this JAX has Pallas's Triton backend (deprecated in JAX 0.11: a JAX
+    without it runs XLA's loops instead)."""
+    try:
+        from jax.experimental.pallas import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+MAX_HIDDEN = 128
+"""The widest hidden size the kernels are used for; wider ones stay with XLA's loop,
+which is bound by arithmetic more than by latency there (docs/performance.md has what was
+measured at 128)."""
+
+_MIN_HIDDEN = 16
+"""The narrowest padded hidden size."""
+
+_HOIST_MAX = 128
+"""Padded hidden sizes up to this keep ``w`` in registers for the whole loop (wider ones
+would read it from the caches at every step)."""
+
+_NUM_WARPS = 4
+"""Warps per kernel instance: 4 measured faster than 8 at 32 and 64 hidden units."""
+
+
+def _padded(hidden: int) -> int:
+    """The hidden size padded to a power of two (Triton's arrays), at least 16."""
+    return max(_MIN_HIDDEN, 1 << max(hidden - 1, 0).bit_length())
+
+
+def _activate(name: str, pre: Array) -> Array:
+    return jnp.tanh(pre) if name == "tanh" else jnp.maximum(pre, 0.0)
+
+
+def _derivative_times(name: str, h: Array, d_h: Array) -> Array:
+    """``act'(pre) * d_h`` from the activation's output ``h``."""
+    if name == "tanh":
+        return d_h * (1.0 - h * h)
+    return jnp.where(h > 0, d_h, jnp.zeros((), d_h.dtype))
+
+
+def _pad(a: Array, cols: int, rows: int | None = None) -> Array:
+    """``a`` zero-padded to ``cols`` columns (and ``rows`` rows of a matrix)."""
+    pad = [(0, 0)] * (a.ndim - 1) + [(0, cols - a.shape[-1])]
+    if rows is not None:
+        pad[-2] = (0, rows - a.shape[-2])
+    return a if all(p == (0, 0) for p in pad) else jnp.pad(a, pad)
+
+
+def _call(kernel: Callable[..., None], args: tuple[tuple[Array, str], ...],
+          outs: tuple[tuple[tuple[int, ...], str], ...], dtype: jnp.dtype,
+          interpret: bool) -> tuple[Array, ...]:
+    """Runs ``kernel`` once per batch row. Each argument and result comes with its kind:
+    ``"steps"`` (``(T, B, Hp)``) and ``"rows"`` (``(B, Hp)``) are split by rows (the
+    kernel sees ``(T, Hp)`` and ``(Hp,)``), ``"whole"`` (``(Hp, Hp)``) is read by every
+    instance."""
+    from jax.experimental import pallas as pl
+
+    def spec(shape: tuple[int, ...], kind: str) -> object:
+        if kind == "steps":
+            return pl.BlockSpec((shape[0], None, shape[2]), lambda i: (0, i, 0))
+        if kind == "rows":
+            return pl.BlockSpec((None, shape[1]), lambda i: (i, 0))
+        return pl.BlockSpec(shape, lambda i: (0, 0))
+
+    params = None
+    if not interpret:
+        from jax.experimental.pallas import triton as plt
+
+        params = plt.CompilerParams(num_warps=_NUM_WARPS, num_stages=1)
+    return pl.pallas_call(
+        kernel,
+        out_shape=tuple(jax.ShapeDtypeStruct(s, dtype) for s, _ in outs),
+        grid=(args[0][0].shape[1],),
+        in_specs=[spec(a.shape, kind) for a, kind in args],
+        out_specs=tuple(spec(s, kind) for s, kind in outs),
+        compiler_params=params,
+        interpret=interpret,
+        name="jax_rnn_elman",
+    )(*(a for a, _ in args))
+
+
+def _times(h: Array, w: Array) -> Array:
+    """``h @ w`` for one row ``h`` (``(H,)``): a broadcast multiply and a sum, in the
+    arrays' own precision (float32 products, unlike XLA's default TF32 on GPUs)."""
+    return jnp.sum(h[:, None] * w, axis=0)
+
+
+def _forward_kernel(activation: str, reverse: bool, hoist: bool,
+                    gx_ref: object, w_ref: object, h0_ref: object, pre_ref: object,
+                    h_ref: object) -> None:
+    length = gx_ref.shape[0]  # type: ignore[attr-defined]
+    w_kept = w_ref[...] if hoist else None  # type: ignore[index]
+
+    def body(k: Array, h: Array) -> Array:
+        t = length - 1 - k if reverse else k
+        w = w_ref[...] if w_kept is None else w_kept  # type: ignore[index]
+        pre = gx_ref[t] + _times(h, w)  # type: ignore[index]
+        h = _activate(activation, pre)
+        pre_ref[t] = pre  # type: ignore[index]
+        h_ref[t] = h  # type: ignore[index]
+        return h
+
+    jax.lax.fori_loop(0, length, body, h0_ref[...])  # type: ignore[index]
+
+
+def _backward_kernel(activation: str, reverse: bool, hoist: bool,
+                     h_ref: object, d_state_ref: object, d_pre_ref: object, w_t_ref: object,
+                     d_final_ref: object, d_g_ref: object, d_h0_ref: object) -> None:
+    length = h_ref.shape[0]  # type: ignore[attr-defined]
+    w_kept = w_t_ref[...] if hoist else None  # type: ignore[index]
+
+    def body(k: Array, d_h: Array) -> Array:
+        t = k if reverse else length - 1 - k
+        d_g = (_derivative_times(activation, h_ref[t], d_h + d_state_ref[t])  # type: ignore[index]
+               + d_pre_ref[t])  # type: ignore[index]
+        d_g_ref[t] = d_g  # type: ignore[index]
+        w_t = w_t_ref[...] if w_kept is None else w_kept  # type: ignore[index]
+        return _times(d_g, w_t)
+
+    d_h0_ref[...] = jax.lax.fori_loop(0, length, body, d_final_ref[...])  # type: ignore[index]
+
+
+def _forward_scan(activation: str, reverse: bool, gx: Array, w: Array,
+                  h0: Array) -> tuple[Array, Array]:
+    """``forward`` written with ``lax.scan``: its tangents, and the reference."""
+    def body(h: Array, gx_t: Array) -> tuple[Array, tuple[Array, Array]]:
+        pre = gx_t + h @ w
+        h = _activate(activation, pre)
+        return h, (pre, h)
+
+    return jax.lax.scan(body, h0, gx, reverse=reverse)[1]
+
+
+def _backward_scan(activation: str, reverse: bool, h: Array, d_state: Array, d_pre: Array,
+                   w_t: Array, d_final: Array) -> tuple[Array, Array]:
+    """``backward`` written with ``lax.scan``: its tangents, and the reference."""
+    def body(d_h: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, Array]:
+        h_t, d_state_t, d_pre_t = xs
+        d_g = _derivative_times(activation, h_t, d_h + d_state_t) + d_pre_t
+        return d_g @ w_t, d_g
+
+    d_h0, d_g = jax.lax.scan(body, d_final, (h, d_state, d_pre), reverse=not reverse)
+    return d_g, d_h0
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def forward(activation: str, reverse: bool, interpret: bool, gx: Array, w: Array,
+            h0: Array) -> tuple[Array, Array]:
+    """``(pre, h)`` of an Elman recurrence over the projected inputs ``gx`` (``(T, B, H)``,
+    biases included) from ``h0`` (``(B, H)``), in one kernel; ``w`` is ``(H, H)``."""
+    length, batch, hidden = gx.shape
+    cols = _padded(hidden)
+    kernel = functools.partial(_forward_kernel, activation, reverse, cols <= _HOIST_MAX)
+    args = ((_pad(gx, cols), "steps"), (_pad(w, cols, cols), "whole"),
+            (_pad(h0, cols), "rows"))
+    pre, h = _call(kernel, args, (((length, batch, cols), "steps"),) * 2, gx.dtype, interpret)
+    return pre[:, :batch, :hidden], h[:, :batch, :hidden]
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def backward(activation: str, reverse: bool, interpret: bool, h: Array, d_state: Array,
+             d_pre: Array, w_t: Array, d_final: Array) -> tuple[Array, Array]:
+    """``(d_pre_activations, d_h0)``: the backward loop of ``forward``'s recurrence given
+    its states ``h``, the cotangents of the public states and pre-activations, ``w.T`` and
+    the cotangent of the final state, in one kernel."""
+    length, batch, hidden = h.shape
+    cols = _padded(hidden)
+    kernel = functools.partial(_backward_kernel, activation, reverse, cols <= _HOIST_MAX)
+    args = (*((_pad(a, cols), "steps") for a in (h, d_state, d_pre)),
+            (_pad(w_t, cols, cols), "whole"), (_pad(d_final, cols), "rows"))
+    d_g, d_h0 = _call(kernel, args, (((length, batch, cols), "steps"), ((batch, cols), "rows")),
+                      h.dtype, interpret)
+    return d_g[:, :batch, :hidden], d_h0[:batch, :hidden]
+
+
+def _scan_tangents(kernel: Any, scan: Callable[..., Any]) -> None:
+    """Gives ``kernel`` (a ``custom_jvp``) the tangents of ``scan``, the same recurrence
+    written with ``lax.scan``: the primal comes from the kernel, the tangent (and hence
+    the transposes of higher-order reverse mode) from JAX's own rules."""
+    def jvp(activation: str, reverse: bool, interpret: bool, primals: tuple[Array, ...],
+            tangents: tuple[Array, ...]) -> tuple[Any, Any]:
+        out = kernel(activation, reverse, interpret, *primals)
+        return out, jax.jvp(functools.partial(scan, activation, reverse), primals,
+                            tangents)[1]
+
+    kernel.defjvp(jvp)
+
+
+_scan_tangents(forward, _forward_scan)
+_scan_tangents(backward, _backward_scan)
