@@ -573,16 +573,17 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
 def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array,
             masks: tuple[Any, ...]) -> str | None:
     """The kernel activation (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one GPU
-    kernel each: an Elman cell with tanh or relu, float32, one batch axis, a hidden size
+    kernel each: an Elman cell with tanh or relu, float32, one batch axis or none, a hidden size
     of at most ``_kernels.MAX_HIDDEN``, at least one step and no masked, reset or cut
     steps; else ``None``. (The backward pass asks again with ``d_pre`` for ``xs``: the
     same answer as the forward pass's.)"""
-    if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim != 3
+    if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim not in (2, 3)
             or xs.shape[0] == 0 or _kernels.mode() == "off"):
         return None
     h = fc.hidden(carry0)
-    ok = (h.shape == xs.shape[1:2] + h.shape[-1:] and h.shape[-1] <= _kernels.MAX_HIDDEN
-          and all(a.dtype == jnp.float32 for a in (xs, h, w)))
+    batch = xs.shape[1:-1]  # () or (B,)
+    ok = (h.shape == batch + h.shape[-1:] and all(a.dtype == jnp.float32 for a in (xs, h, w))
+          and _kernels.fits(xs.shape[0], math.prod(batch), h.shape[-1]))
     return fc.kernel if ok else None
 
 

@@ -17,8 +17,8 @@ for one batch row, which is independent of the others, holding ``w`` in register
 step is a vector-matrix product (a broadcast multiply and a sum, float32 throughout),
 the activation, and the stores of that step's results. This is for small hidden sizes
 (at most :data:`MAX_HIDDEN`), where XLA's loop is latency-bound; on an H200 it made the
-Elman cell's forward+backward 3-8x faster than XLA's loop and 0.9-1.6x cuDNN's time
-(docs/performance.md). The hidden size is padded with zeros to a power of two (Triton's
+Elman cell's forward+backward 4-8x faster than XLA's loop, and 0.90-1.57x as fast as
+cuDNN's (docs/performance.md). The hidden size is padded with zeros to a power of two (Triton's
 arrays): a padded unit stays 0 (``tanh(0) = relu(0) = 0``) and its rows of ``w`` are 0,
 so it never reaches a real unit.
 
@@ -40,21 +40,31 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-MODE = os.environ.get("JAX_RNN_KERNELS", "auto").strip().lower()
-"""``"auto"`` (default): the kernels run where JAX's default backend is an NVIDIA GPU;
-``"off"``: never (XLA's loops everywhere); ``"interpret"``: everywhere, in Pallas's
-interpreter (for tests on a CPU). Read from the environment variable ``JAX_RNN_KERNELS``
-at import."""
+
+def _read_mode(environ: Any) -> str:
+    """The setting of the environment variable ``JAX_RNN_KERNELS`` (default ``"auto"``);
+    anything else than ``auto``, ``off`` or ``interpret`` is a clear error."""
+    value = environ.get("JAX_RNN_KERNELS", "auto").strip().lower()
+    if value not in ("auto", "off", "interpret"):
+        raise ValueError(f"jax_rnn: the environment variable JAX_RNN_KERNELS must be "
+                         f"\"auto\", \"off\" or \"interpret\", got "
+                         f"{environ['JAX_RNN_KERNELS']!r}: unset it for the default "
+                         f"(\"auto\")")
+    return value
+
+
+MODE = _read_mode(os.environ)
+"""``"auto"`` (default): the kernels run where JAX's default backend is an NVIDIA GPU
+(a computation placed on another device there runs a plain scan instead: each call
+chooses by the platform it is compiled for); ``"off"``: never (XLA's loops everywhere);
+``"interpret"``: everywhere, in Pallas's interpreter (for tests on a CPU). Read from the
+environment variable ``JAX_RNN_KERNELS`` at import."""
 
 
 def mode() -> str:
     """``"gpu"``, ``"interpret"`` or ``"off"``: whether, and how, the kernels run now."""
-    if MODE in ("off", "interpret"):
-        return MODE
     if MODE != "auto":
-        raise ValueError(f"jax_rnn: the environment variable JAX_RNN_KERNELS must be "
-                         f"\"auto\", \"off\" or \"interpret\", got {MODE!r}: unset it for "
-                         f"the default (\"auto\")")
+        return MODE
     if jax.default_backend() != "gpu" or not _triton_available():
         return "off"
     version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
@@ -86,6 +96,12 @@ would read it from the caches at every step)."""
 
 _NUM_WARPS = 4
 """Warps per kernel instance: 4 measured faster than 8 at 32 and 64 hidden units."""
+
+
+def fits(length: int, batch: int, hidden: int) -> bool:
+    """Whether a sequence of this shape is for the kernels: at most :data:`MAX_HIDDEN`
+    hidden units, and arrays of fewer than 2^31 elements (Triton's offsets are 32-bit)."""
+    return hidden <= MAX_HIDDEN and length * batch * _padded(hidden) < 2**31
 
 
 def _padded(hidden: int) -> int:
@@ -209,11 +225,33 @@ def _backward_scan(activation: str, reverse: bool, h: Array, d_state: Array, d_p
     return d_g, d_h0
 
 
+def _on_cuda(kernel: Callable[..., Any], scan: Callable[..., Any], interpret: bool,
+             *args: Array) -> Any:
+    """``kernel(*args)`` where the call is compiled for an NVIDIA GPU, ``scan(*args)`` (the
+    same recurrence with ``lax.scan``) for any other platform, e.g. a CPU device chosen with
+    ``jax.default_device`` in a process whose default backend is a GPU; in the interpreter,
+    the kernel everywhere."""
+    if interpret:
+        return kernel(*args)
+    return jax.lax.platform_dependent(*args, cuda=kernel, default=scan)
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
 def forward(activation: str, reverse: bool, interpret: bool, gx: Array, w: Array,
             h0: Array) -> tuple[Array, Array]:
-    """``(pre, h)`` of an Elman recurrence over the projected inputs ``gx`` (``(T, B, H)``,
-    biases included) from ``h0`` (``(B, H)``), in one kernel; ``w`` is ``(H, H)``."""
+    """``(pre, h)`` of an Elman recurrence over the projected inputs ``gx`` (``(T, B, H)``
+    or ``(T, H)``, biases included) from ``h0`` (``(B, H)`` or ``(H,)``), in one kernel;
+    ``w`` is ``(H, H)``."""
+    return _on_cuda(functools.partial(_forward_rows, activation, reverse, interpret),
+                    functools.partial(_forward_scan, activation, reverse), interpret,
+                    gx, w, h0)
+
+
+def _forward_rows(activation: str, reverse: bool, interpret: bool, gx: Array, w: Array,
+                  h0: Array) -> tuple[Array, Array]:
+    if gx.ndim == 2:  # one unbatched sequence: a batch of one row
+        pre, h = _forward_rows(activation, reverse, interpret, gx[:, None], w, h0[None])
+        return pre[:, 0], h[:, 0]
     length, batch, hidden = gx.shape
     cols = _padded(hidden)
     kernel = functools.partial(_forward_kernel, activation, reverse, cols <= _HOIST_MAX)
@@ -228,7 +266,18 @@ def backward(activation: str, reverse: bool, interpret: bool, h: Array, d_state:
              d_pre: Array, w_t: Array, d_final: Array) -> tuple[Array, Array]:
     """``(d_pre_activations, d_h0)``: the backward loop of ``forward``'s recurrence given
     its states ``h``, the cotangents of the public states and pre-activations, ``w.T`` and
-    the cotangent of the final state, in one kernel."""
+    the cotangent of the final state, in one kernel (batched or not, as ``forward``)."""
+    return _on_cuda(functools.partial(_backward_rows, activation, reverse, interpret),
+                    functools.partial(_backward_scan, activation, reverse), interpret,
+                    h, d_state, d_pre, w_t, d_final)
+
+
+def _backward_rows(activation: str, reverse: bool, interpret: bool, h: Array, d_state: Array,
+                   d_pre: Array, w_t: Array, d_final: Array) -> tuple[Array, Array]:
+    if h.ndim == 2:  # one unbatched sequence: a batch of one row
+        d_g, d_h0 = _backward_rows(activation, reverse, interpret, h[:, None],
+                                   d_state[:, None], d_pre[:, None], w_t, d_final[None])
+        return d_g[:, 0], d_h0[0]
     length, batch, hidden = h.shape
     cols = _padded(hidden)
     kernel = functools.partial(_backward_kernel, activation, reverse, cols <= _HOIST_MAX)

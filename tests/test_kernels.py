@@ -38,18 +38,25 @@ def kernels(monkeypatch):
     jax.clear_caches()
 
 
+def _kernel_calls(fn, *args) -> int:
+    """How many kernels the traced ``fn`` runs (a forward loop 1, with its gradient 2)."""
+    return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
+
+
 def _uses_kernel(fn, *args) -> bool:
-    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+    return _kernel_calls(fn, *args) > 0
 
 
 def _problem(cell, steps, batch, inputs, hidden, scale, seed, readout=True):
+    """float32 ``(params, xs, state0)``; ``batch=None``: one unbatched sequence."""
     params = cell.init(jax.random.key(seed), inputs, hidden, 2 if readout else None,
                        dtype=np.float32)
     params = params._replace(w_cell_state=params.w_cell_state * scale,
                              b_cell=params.b_cell + 0.1)
     rng = np.random.default_rng(seed)
-    xs = rng.normal(size=(steps, batch, inputs)).astype(np.float32)
-    state0 = rng.uniform(-1, 1, (batch, hidden)).astype(np.float32)
+    rows = () if batch is None else (batch,)
+    xs = rng.normal(size=(steps, *rows, inputs)).astype(np.float32)
+    state0 = rng.uniform(-1, 1, (*rows, hidden)).astype(np.float32)
     return params, xs, state0
 
 
@@ -59,8 +66,35 @@ def _loss(cell, params, xs, state0, impl, **kw):
             + jnp.sum(ys.state) + jnp.sum(final ** 2))
 
 
+def _check(relu, steps, batch, inputs, hidden, scale, reverse, seed, kernels_run=(1, 2)):
+    """Values against the numpy reference, every gradient against impl="scan" (float32
+    rounding, relative to the largest entry where relu grows), and that the forward call
+    runs ``kernels_run[0]`` kernels and its gradient ``kernels_run[1]``."""
+    cell = jax_rnn.elman_relu if relu else jax_rnn.elman
+    params, xs, state0 = _problem(cell, steps, batch, inputs, hidden, scale, seed)
+    run = jax.jit(lambda p, x, s: jax_rnn.unroll(cell, p, x, s, reverse=reverse))
+    grad = jax.grad(_loss, argnums=(1, 2, 3))
+    assert _kernel_calls(run, params, xs, state0) == kernels_run[0]
+    assert _kernel_calls(lambda *a: grad(cell, *a, "fused", reverse=reverse), params, xs,
+                         state0) == kernels_run[1]
+    final, ys = run(params, xs, state0)
+    activation = (lambda a: np.maximum(a, 0.0)) if relu else np.tanh
+    ref_final, ref = numpy_unroll(as64(params), xs.astype(np.float64),
+                                  state0.astype(np.float64), reverse=reverse,
+                                  activation=activation)
+    big = max(1.0, float(np.abs(ref.state).max()))  # relu at scale 4 grows: relative
+    for got, want in ((ys.state, ref.state), (ys.pre_activation, ref.pre_activation),
+                      (ys.output, ref.output), (final, ref_final)):
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * big)
+    fused = grad(cell, params, xs, state0, "fused", reverse=reverse)
+    scan = grad(cell, params, xs, state0, "scan", reverse=reverse)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
+        scale_b = max(1.0, float(np.abs(b).max()))
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * scale_b)
+
+
 # The fixture's state (kernels on) is the same for every example: nothing to reset.
-@settings(max_examples=5, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=4, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     relu=st.booleans(),
     steps=st.integers(1, 12),
@@ -73,28 +107,44 @@ def _loss(cell, params, xs, state0, impl, **kw):
 )
 def test_kernel_values_and_gradients(kernels, relu, steps, batch, inputs, hidden, scale,
                                      reverse, seed):
-    cell = jax_rnn.elman_relu if relu else jax_rnn.elman
-    params, xs, state0 = _problem(cell, steps, batch, inputs, hidden, scale, seed)
-    run = jax.jit(lambda p, x, s: jax_rnn.unroll(cell, p, x, s, reverse=reverse))
-    assert _uses_kernel(run, params, xs, state0)
-    final, ys = run(params, xs, state0)
-    activation = (lambda a: np.maximum(a, 0.0)) if relu else np.tanh
-    ref_final, ref = numpy_unroll(as64(params), xs.astype(np.float64),
-                                  state0.astype(np.float64), reverse=reverse,
-                                  activation=activation)
-    big = max(1.0, float(np.abs(ref.state).max()))  # relu at scale 4 grows: relative
-    np.testing.assert_allclose(ys.state, ref.state, rtol=2e-5, atol=2e-5 * big)
-    np.testing.assert_allclose(ys.pre_activation, ref.pre_activation, rtol=2e-5,
-                               atol=2e-5 * big)
-    np.testing.assert_allclose(ys.output, ref.output, rtol=2e-5, atol=2e-5 * big)
-    np.testing.assert_allclose(final, ref_final, rtol=2e-5,
-                               atol=2e-5 * big)
-    grad = jax.grad(_loss, argnums=(1, 2, 3))
-    fused = grad(cell, params, xs, state0, "fused", reverse=reverse)
-    scan = grad(cell, params, xs, state0, "scan", reverse=reverse)
-    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
-        scale_b = max(1.0, float(np.abs(b).max()))
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * scale_b)
+    _check(relu, steps, batch, inputs, hidden, scale, reverse, seed)
+
+
+@pytest.mark.parametrize(("relu", "steps", "batch", "hidden", "reverse"), [
+    (False, 1, 1, 1, False),  # one step, one row, one unit (padded to 16)
+    (True, 1, None, 1, True),  # unbatched: a batch of one row inside
+    (False, 3, None, 17, False),  # unbatched, padded to 32
+    (False, 2, 3, 128, True),  # the widest hidden size the kernels take
+])
+def test_kernel_edge_cases(kernels, relu, steps, batch, hidden, reverse):
+    _check(relu, steps, batch, 2, hidden, 4.0 if relu else 1.0, reverse, seed=7)
+
+
+def test_kernel_backward_in_chunks(kernels, monkeypatch):
+    """On CPUs the backward pass runs in chunks of steps: the backward kernel then runs
+    once per chunk (2 chunks of 3 steps and a remainder of 1 here)."""
+    monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: 3)
+    _check(False, 7, 2, 2, 5, 1.0, False, seed=8, kernels_run=(1, 3))
+
+
+def test_kernel_choice_follows_the_compiling_platform(monkeypatch):
+    """With the kernels on for a GPU default backend, each call still chooses by the
+    platform it is compiled for: here (a CPU) the plain scan, same values as impl="scan"
+    (on a GPU, the kernels)."""
+    monkeypatch.setattr(_kernels, "MODE", "auto")
+    monkeypatch.setattr(_kernels, "mode", lambda: "gpu")
+    jax.clear_caches()
+    try:
+        cell = jax_rnn.elman
+        params, xs, state0 = _problem(cell, 5, 3, 2, 6, 1.0, seed=9)
+        grad = jax.grad(_loss, argnums=(1, 2, 3))
+        jaxpr = str(jax.make_jaxpr(lambda *a: grad(cell, *a, "fused"))(params, xs, state0))
+        assert jaxpr.count("platform_index") == 2  # the forward loop and the backward loop
+        for a, b in zip(jax.tree.leaves(grad(cell, params, xs, state0, "fused")),
+                        jax.tree.leaves(grad(cell, params, xs, state0, "scan")), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5)
+    finally:
+        jax.clear_caches()
 
 
 def test_kernel_through_stack_vmap_and_second_order(kernels):
@@ -158,13 +208,33 @@ def test_kernels_only_where_they_apply(kernels, what, cell, kw):
 
 
 def test_kernels_mode_from_the_environment(monkeypatch):
-    """JAX_RNN_KERNELS: "auto" runs the kernels on NVIDIA GPUs only, "off" nowhere; any
-    other value is a clear error naming the variable and the choices."""
+    """JAX_RNN_KERNELS (read at import): "auto" runs the kernels on NVIDIA GPUs only, "off"
+    nowhere; any other value is a clear error naming the variable and the choices."""
+    assert _kernels._read_mode({}) == "auto"
+    assert _kernels._read_mode({"JAX_RNN_KERNELS": " OFF "}) == "off"
+    with pytest.raises(ValueError, match=r"JAX_RNN_KERNELS must be \"auto\", \"off\" or "
+                                         r"\"interpret\", got 'on'"):
+        _kernels._read_mode({"JAX_RNN_KERNELS": "on"})
     monkeypatch.setattr(_kernels, "MODE", "auto")
     assert _kernels.mode() == ("gpu" if ON_GPU else "off")
     monkeypatch.setattr(_kernels, "MODE", "off")
     assert _kernels.mode() == "off"
-    monkeypatch.setattr(_kernels, "MODE", "on")
-    with pytest.raises(ValueError, match=r"JAX_RNN_KERNELS must be \"auto\", \"off\" or "
-                                         r"\"interpret\", got 'on'"):
-        _kernels.mode()
+
+
+@pytest.mark.parametrize(("batch", "hidden"), [(None, 1), (3, 17), (1, 128)])
+def test_kernels_lower_to_triton_for_cuda(monkeypatch, batch, hidden):
+    """The gradient of an unroll lowered for an NVIDIA GPU (lowering only, which runs on
+    any machine: Pallas writes the Triton kernels in Python) holds both kernels as Triton
+    calls: a kernel that Triton's lowering rejects (e.g. an array that is not a power of
+    two) fails here, without a GPU."""
+    monkeypatch.setattr(_kernels, "MODE", "auto")
+    monkeypatch.setattr(_kernels, "mode", lambda: "gpu")
+    jax.clear_caches()
+    try:
+        params, xs, state0 = _problem(jax_rnn.elman, 5, batch, 2, hidden, 1.0, seed=10)
+        grad = jax.jit(jax.grad(lambda *a: _loss(jax_rnn.elman, *a, "fused", reverse=True),
+                                argnums=(0, 1, 2)))
+        text = grad.trace(params, xs, state0).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == 2
+    finally:
+        jax.clear_caches()
