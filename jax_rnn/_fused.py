@@ -43,7 +43,7 @@ cell states in the forward loop and precomputes every derivative coefficient for
 backward loop; the GRU's forward loop does one product per step and keeps one array of
 gates, and its backward loop is the general one (see the comment above ``_compact``).
 
-On an NVIDIA GPU, an Elman cell's two loops (tanh or relu, float32, one batch axis, at
+On an NVIDIA GPU, an Elman cell's two loops (tanh or relu, float32, one batch axis or none, at
 most 128 hidden units, no masked, reset or cut steps) run as one Pallas kernel each
 instead of XLA's while loops (:mod:`jax_rnn._kernels`): the forward pass after the
 hoisted projection, and the backward loop; the contractions around them are the same.

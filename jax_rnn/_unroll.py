@@ -741,7 +741,7 @@ def unroll(
             for forward-mode autodiff (``jax.jvp``/``jax.jacfwd``), which a custom VJP
             does not support. User cells and ``remat`` always run ``"scan"``. Both give
             the same values and gradients up to float rounding. On an NVIDIA GPU,
-            ``"fused"`` runs an Elman cell's (tanh or relu; float32, one batch axis, at
+            ``"fused"`` runs an Elman cell's (tanh or relu; float32, one batch axis or none, at
             most 128 hidden units, no ``seq_lengths``, ``resets`` or ``truncate``)
             forward and backward loops as one Pallas kernel each, as cuDNN does (the
             environment variable ``JAX_RNN_KERNELS=off`` turns them off).
