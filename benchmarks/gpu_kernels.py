@@ -10,10 +10,13 @@ fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's cuDNN
 ``nn.RNN(tanh)`` on the same weights. ``--max-hidden`` lets the kernels run at hidden
 sizes over ``jax_rnn._kernels.MAX_HIDDEN``, to measure them there. float32 with
 full-precision products everywhere (JAX "highest", PyTorch's TF32 off). Every variant is
-compiled first; then the variants are timed in turn, round after round, and each figure
-is the median over the rounds (a round averages back-to-back calls when one call is
-short). The states and gradients of every JAX variant are compared with the ``"xla"``
-variant's (largest difference over the largest entry).
+compiled first; then the variants are timed in turn, in an order that changes from
+round to round, and each figure is the median over the rounds (a sample averages
+back-to-back calls when one call is short): ``jax-rnn bench``'s sampler. The states
+and gradients of every JAX variant are compared with the ``"xla"`` variant's (largest
+difference over the largest entry). The figures in
+``benchmarks/results/h200-2026-11-28-kernels/`` were taken with this script's first
+version, which sampled in the same order every round.
 Writes ``DIR/kernels.json`` and prints a table.
 """
 
@@ -31,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_rnn
+from jax_rnn import _bench, _kernels
 from jax_rnn import _bench_peers as bp
-from jax_rnn import _kernels
 
 SIZES = {  # T, B, I, H: three of the issue #4 bench sizes, and one at H = 64 with B = 32
     "t1000_b1": (1000, 1, 16, 32),
@@ -78,21 +81,6 @@ def _compile(variant: str, hidden: int, params: Any, xs: Any) -> tuple[Any, Any,
         jax.clear_caches()
 
 
-def _sample(call: Any, budget: float = 0.02) -> float:
-    """Seconds per call: one call, or the mean of back-to-back calls when one is short."""
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    once = time.perf_counter() - start
-    if once >= budget:
-        return once
-    n = max(2, int(budget / max(once, 1e-6)))
-    start = time.perf_counter()
-    for _ in range(n):
-        out = call()
-    jax.block_until_ready(out)
-    return (time.perf_counter() - start) / n
-
-
 def _rel(a: Any, b: Any) -> float:
     pairs = list(zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
     diff = max(float(jnp.abs(x - y).max()) for x, y in pairs)
@@ -108,8 +96,8 @@ def run_size(name: str, repeats: int, variants: list[str]) -> list[dict]:
     records = []
     for v in variants:
         (fwd, grad), uses, seconds = _compile(v, h, params, xs)
-        calls[v] = {"forward": lambda f=fwd: f(params, xs),
-                    "fwd+bwd": lambda g=grad: g(params, xs)}
+        calls[v] = {"forward": lambda f=fwd: jax.block_until_ready(f(params, xs)),
+                    "fwd+bwd": lambda g=grad: jax.block_until_ready(g(params, xs))}
         records.append(dict(size=name, T=t, B=b, I=i, H=h, impl=v, uses_kernel=uses,
                             compile_s=seconds))
     try:
@@ -124,11 +112,11 @@ def run_size(name: str, repeats: int, variants: list[str]) -> list[dict]:
         if r["impl"] not in ("xla", "cudnn"):
             r["rel_diff_states"] = _rel(calls[r["impl"]]["forward"](), ref[0])
             r["rel_diff_grads"] = _rel(calls[r["impl"]]["fwd+bwd"](), ref[1])
-    samples: dict[tuple[str, str], list[float]] = {}
-    for _ in range(repeats):
-        for v, modes in calls.items():
-            for mode, call in modes.items():
-                samples.setdefault((v, mode), []).append(_sample(call))
+    # jax-rnn bench's sampler: calls in turn, in a changing order, round after round
+    keys = [(v, mode) for v, modes in calls.items() for mode in modes]
+    timed = [(calls[v][mode], _bench._warm_up(calls[v][mode])[1]) for v, mode in keys]
+    samples = dict(zip(keys, _bench._sample_interleaved(timed, repeats, float("inf")),
+                       strict=True))
     for r in records:
         for mode in ("forward", "fwd+bwd"):
             r[f"{mode}_ms"] = 1e3 * statistics.median(samples[(r["impl"], mode)])

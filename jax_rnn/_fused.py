@@ -112,8 +112,8 @@ class FusedCell(NamedTuple):
             pre, tape)``, the differentiated forward pass for one sequence of a small
             hidden size on a CPU (see ``_compact``), or ``None``.
         compact_max_hidden: the widest hidden size ``compact_forward`` is used for.
-        kernel: the activation's name in :mod:`jax_rnn._kernels` (``"tanh"``,
-            ``"relu"``) where an Elman cell's loops can run as one GPU kernel each, or
+        kernel: ``(activation, back)`` (its derivative from its output) where an Elman
+            cell's loops can run as one GPU kernel each (:mod:`jax_rnn._kernels`), or
             ``None``.
     """
 
@@ -127,7 +127,7 @@ class FusedCell(NamedTuple):
     additive: bool = False
     compact_forward: Callable[..., tuple[Any, Array, Any]] | None = None
     compact_max_hidden: int = 0
-    kernel: str | None = None
+    kernel: tuple[Callable[[Array], Array], Callable[[Array, Array], Array]] | None = None
 
 
 def _sum_biases(*biases: Array | None) -> Array | None:
@@ -208,7 +208,7 @@ def _elman_fused(activation: Callable[[Array], Array]) -> FusedCell:
         step_back=_elman_step_back(back),
         gate_grads=_same,
         additive=True,
-        kernel={jnp.tanh: "tanh", jax.nn.relu: "relu"}.get(activation),
+        kernel=(activation, back) if activation in _kernels.ACTIVATIONS else None,
     )
 
 
@@ -571,8 +571,8 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
 
 
 def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array,
-            masks: tuple[Any, ...]) -> str | None:
-    """The kernel activation (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one GPU
+            masks: tuple[Any, ...]) -> tuple[Any, Any] | None:
+    """``fc.kernel`` (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one GPU
     kernel each: an Elman cell with tanh or relu, float32, one batch axis or none, a hidden size
     of at most ``_kernels.MAX_HIDDEN``, at least one step and no masked, reset or cut
     steps; else ``None``. (The backward pass asks again with ``d_pre`` for ``xs``: the
@@ -587,11 +587,10 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array,
     return fc.kernel if ok else None
 
 
-def _kernel_forward(kernel: str, reverse: bool, w_in: Array, b_in: Array | None, w: Array,
-                    xs: Array, carry0: Array) -> tuple[Array, Tape]:
+def _kernel_forward(kernel: tuple[Any, Any], reverse: bool, w_in: Array, b_in: Array | None,
+                    w: Array, xs: Array, carry0: Array) -> tuple[Array, Tape]:
     """An Elman cell's forward loop as one kernel: ``(final, tape)``."""
-    pre, state = _kernels.forward(kernel, reverse, _kernels.mode() == "interpret",
-                                  _project(xs, w_in, b_in), w, carry0)
+    pre, state = _kernels.forward(kernel[0], reverse, _project(xs, w_in, b_in), w, carry0)
     return state[0 if reverse else -1], Tape(None, pre, state, ())
 
 
@@ -773,8 +772,8 @@ def _fused_loop_back(fc, reverse, unroll, w, valid, keep, to_carry0, tape, carry
     d_carry, d_carry0 = carry
     kernel = _kernel(fc, d_pre, d_carry, w, (valid, keep, to_carry0))
     if kernel is not None:  # the forward loop ran as a kernel too: ``_kernel`` said so
-        d_out, d_carry = _kernels.backward(kernel, reverse, _kernels.mode() == "interpret",
-                                           tape.state, d_state, d_pre, w.T, d_carry)
+        d_out, d_carry = _kernels.backward(kernel[1], reverse, tape.state, d_state, d_pre,
+                                           w.T, d_carry)
         return (d_carry, d_carry0), d_out
     inputs = fc.prepare(tape, d_pre, d_state)
     w_t = w.T  # transposed once: XLA CPU multiplies by a transposed operand more slowly

@@ -25,8 +25,9 @@ cuDNN's (docs/performance.md). The hidden size is padded with zeros to a power o
 The kernels are pure functions of arrays; :func:`forward` and :func:`backward` wrap each
 in a :func:`jax.custom_jvp` whose tangent is the same recurrence's written with
 ``lax.scan``, so that reverse-over-reverse differentiation and ``jax.vmap`` go through
-them. ``interpret=True`` (the tests, on a CPU) runs the same kernels in Pallas's
-interpreter.
+them. With ``JAX_RNN_KERNELS=interpret`` (the tests, on a CPU) the same kernels run in
+Pallas's interpreter. The activation and its derivative are the fused path's own
+(``_fused._BACK_FROM_OUTPUT``), passed in as functions.
 """
 
 from __future__ import annotations
@@ -109,15 +110,9 @@ def _padded(hidden: int) -> int:
     return max(_MIN_HIDDEN, 1 << max(hidden - 1, 0).bit_length())
 
 
-def _activate(name: str, pre: Array) -> Array:
-    return jnp.tanh(pre) if name == "tanh" else jnp.maximum(pre, 0.0)
-
-
-def _derivative_times(name: str, h: Array, d_h: Array) -> Array:
-    """``act'(pre) * d_h`` from the activation's output ``h``."""
-    if name == "tanh":
-        return d_h * (1.0 - h * h)
-    return jnp.where(h > 0, d_h, jnp.zeros((), d_h.dtype))
+ACTIVATIONS = (jnp.tanh, jax.nn.relu)
+"""The Elman activations the kernels are used for (the measured and tested ones). The
+zero padding of hidden units relies on ``activation(0) = 0``."""
 
 
 def _pad(a: Array, cols: int, rows: int | None = None) -> Array:
@@ -129,8 +124,7 @@ def _pad(a: Array, cols: int, rows: int | None = None) -> Array:
 
 
 def _call(kernel: Callable[..., None], args: tuple[tuple[Array, str], ...],
-          outs: tuple[tuple[tuple[int, ...], str], ...], dtype: jnp.dtype,
-          interpret: bool) -> tuple[Array, ...]:
+          outs: tuple[tuple[tuple[int, ...], str], ...], dtype: jnp.dtype) -> tuple[Array, ...]:
     """Runs ``kernel`` once per batch row. Each argument and result comes with its kind:
     ``"steps"`` (``(T, B, Hp)``) and ``"rows"`` (``(B, Hp)``) are split by rows (the
     kernel sees ``(T, Hp)`` and ``(Hp,)``), ``"whole"`` (``(Hp, Hp)``) is read by every
@@ -144,6 +138,7 @@ def _call(kernel: Callable[..., None], args: tuple[tuple[Array, str], ...],
             return pl.BlockSpec((None, shape[1]), lambda i: (i, 0))
         return pl.BlockSpec(shape, lambda i: (0, 0))
 
+    interpret = MODE == "interpret"
     params = None
     if not interpret:
         from jax.experimental.pallas import triton as plt
@@ -167,7 +162,7 @@ def _times(h: Array, w: Array) -> Array:
     return jnp.sum(h[:, None] * w, axis=0)
 
 
-def _forward_kernel(activation: str, reverse: bool, hoist: bool,
+def _forward_kernel(activation: Callable[[Array], Array], reverse: bool, hoist: bool,
                     gx_ref: object, w_ref: object, h0_ref: object, pre_ref: object,
                     h_ref: object) -> None:
     length = gx_ref.shape[0]  # type: ignore[attr-defined]
@@ -177,7 +172,7 @@ def _forward_kernel(activation: str, reverse: bool, hoist: bool,
         t = length - 1 - k if reverse else k
         w = w_ref[...] if w_kept is None else w_kept  # type: ignore[index]
         pre = gx_ref[t] + _times(h, w)  # type: ignore[index]
-        h = _activate(activation, pre)
+        h = activation(pre)
         pre_ref[t] = pre  # type: ignore[index]
         h_ref[t] = h  # type: ignore[index]
         return h
@@ -185,7 +180,7 @@ def _forward_kernel(activation: str, reverse: bool, hoist: bool,
     jax.lax.fori_loop(0, length, body, h0_ref[...])  # type: ignore[index]
 
 
-def _backward_kernel(activation: str, reverse: bool, hoist: bool,
+def _backward_kernel(back: Callable[[Array, Array], Array], reverse: bool, hoist: bool,
                      h_ref: object, d_state_ref: object, d_pre_ref: object, w_t_ref: object,
                      d_final_ref: object, d_g_ref: object, d_h0_ref: object) -> None:
     length = h_ref.shape[0]  # type: ignore[attr-defined]
@@ -193,8 +188,7 @@ def _backward_kernel(activation: str, reverse: bool, hoist: bool,
 
     def body(k: Array, d_h: Array) -> Array:
         t = k if reverse else length - 1 - k
-        d_g = (_derivative_times(activation, h_ref[t], d_h + d_state_ref[t])  # type: ignore[index]
-               + d_pre_ref[t])  # type: ignore[index]
+        d_g = back(h_ref[t], d_h + d_state_ref[t]) + d_pre_ref[t]  # type: ignore[index]
         d_g_ref[t] = d_g  # type: ignore[index]
         w_t = w_t_ref[...] if w_kept is None else w_kept  # type: ignore[index]
         return _times(d_g, w_t)
@@ -202,89 +196,90 @@ def _backward_kernel(activation: str, reverse: bool, hoist: bool,
     d_h0_ref[...] = jax.lax.fori_loop(0, length, body, d_final_ref[...])  # type: ignore[index]
 
 
-def _forward_scan(activation: str, reverse: bool, gx: Array, w: Array,
+def _forward_scan(activation: Callable[[Array], Array], reverse: bool, gx: Array, w: Array,
                   h0: Array) -> tuple[Array, Array]:
     """``forward`` written with ``lax.scan``: its tangents, and the reference."""
     def body(h: Array, gx_t: Array) -> tuple[Array, tuple[Array, Array]]:
         pre = gx_t + h @ w
-        h = _activate(activation, pre)
+        h = activation(pre)
         return h, (pre, h)
 
     return jax.lax.scan(body, h0, gx, reverse=reverse)[1]
 
 
-def _backward_scan(activation: str, reverse: bool, h: Array, d_state: Array, d_pre: Array,
-                   w_t: Array, d_final: Array) -> tuple[Array, Array]:
+def _backward_scan(back: Callable[[Array, Array], Array], reverse: bool, h: Array,
+                   d_state: Array, d_pre: Array, w_t: Array,
+                   d_final: Array) -> tuple[Array, Array]:
     """``backward`` written with ``lax.scan``: its tangents, and the reference."""
     def body(d_h: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, Array]:
         h_t, d_state_t, d_pre_t = xs
-        d_g = _derivative_times(activation, h_t, d_h + d_state_t) + d_pre_t
+        d_g = back(h_t, d_h + d_state_t) + d_pre_t
         return d_g @ w_t, d_g
 
     d_h0, d_g = jax.lax.scan(body, d_final, (h, d_state, d_pre), reverse=not reverse)
     return d_g, d_h0
 
 
-def _on_cuda(kernel: Callable[..., Any], scan: Callable[..., Any], interpret: bool,
-             *args: Array) -> Any:
+def _on_cuda(kernel: Callable[..., Any], scan: Callable[..., Any], *args: Array) -> Any:
     """``kernel(*args)`` where the call is compiled for an NVIDIA GPU, ``scan(*args)`` (the
     same recurrence with ``lax.scan``) for any other platform, e.g. a CPU device chosen with
     ``jax.default_device`` in a process whose default backend is a GPU; in the interpreter,
     the kernel everywhere."""
-    if interpret:
+    if MODE == "interpret":
         return kernel(*args)
     return jax.lax.platform_dependent(*args, cuda=kernel, default=scan)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def forward(activation: str, reverse: bool, interpret: bool, gx: Array, w: Array,
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def forward(activation: Callable[[Array], Array], reverse: bool, gx: Array, w: Array,
             h0: Array) -> tuple[Array, Array]:
     """``(pre, h)`` of an Elman recurrence over the projected inputs ``gx`` (``(T, B, H)``
     or ``(T, H)``, biases included) from ``h0`` (``(B, H)`` or ``(H,)``), in one kernel;
     ``w`` is ``(H, H)``."""
-    return _on_cuda(functools.partial(_forward_rows, activation, reverse, interpret),
-                    functools.partial(_forward_scan, activation, reverse), interpret,
-                    gx, w, h0)
+    return _on_cuda(functools.partial(_forward_rows, activation, reverse),
+                    functools.partial(_forward_scan, activation, reverse), gx, w, h0)
 
 
-def _forward_rows(activation: str, reverse: bool, interpret: bool, gx: Array, w: Array,
+def _forward_rows(activation: Callable[[Array], Array], reverse: bool, gx: Array, w: Array,
                   h0: Array) -> tuple[Array, Array]:
     if gx.ndim == 2:  # one unbatched sequence: a batch of one row
-        pre, h = _forward_rows(activation, reverse, interpret, gx[:, None], w, h0[None])
+        pre, h = _forward_rows(activation, reverse, gx[:, None], w, h0[None])
         return pre[:, 0], h[:, 0]
     length, batch, hidden = gx.shape
     cols = _padded(hidden)
     kernel = functools.partial(_forward_kernel, activation, reverse, cols <= _HOIST_MAX)
     args = ((_pad(gx, cols), "steps"), (_pad(w, cols, cols), "whole"),
             (_pad(h0, cols), "rows"))
-    pre, h = _call(kernel, args, (((length, batch, cols), "steps"),) * 2, gx.dtype, interpret)
+    pre, h = _call(kernel, args, (((length, batch, cols), "steps"),) * 2, gx.dtype)
     return pre[:, :batch, :hidden], h[:, :batch, :hidden]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def backward(activation: str, reverse: bool, interpret: bool, h: Array, d_state: Array,
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def backward(back: Callable[[Array, Array], Array], reverse: bool, h: Array, d_state: Array,
              d_pre: Array, w_t: Array, d_final: Array) -> tuple[Array, Array]:
     """``(d_pre_activations, d_h0)``: the backward loop of ``forward``'s recurrence given
-    its states ``h``, the cotangents of the public states and pre-activations, ``w.T`` and
+    the activation's derivative from its output (``back(h, d_h) = act'(pre) d_h``), the
+    states ``h``, the cotangents of the public states and pre-activations, ``w.T`` and
     the cotangent of the final state, in one kernel (batched or not, as ``forward``)."""
-    return _on_cuda(functools.partial(_backward_rows, activation, reverse, interpret),
-                    functools.partial(_backward_scan, activation, reverse), interpret,
+    return _on_cuda(functools.partial(_backward_rows, back, reverse),
+                    functools.partial(_backward_scan, back, reverse),
                     h, d_state, d_pre, w_t, d_final)
 
 
-def _backward_rows(activation: str, reverse: bool, interpret: bool, h: Array, d_state: Array,
-                   d_pre: Array, w_t: Array, d_final: Array) -> tuple[Array, Array]:
+def _backward_rows(back: Callable[[Array, Array], Array], reverse: bool, h: Array,
+                   d_state: Array, d_pre: Array, w_t: Array,
+                   d_final: Array) -> tuple[Array, Array]:
     if h.ndim == 2:  # one unbatched sequence: a batch of one row
-        d_g, d_h0 = _backward_rows(activation, reverse, interpret, h[:, None],
+        d_g, d_h0 = _backward_rows(back, reverse, h[:, None],
                                    d_state[:, None], d_pre[:, None], w_t, d_final[None])
         return d_g[:, 0], d_h0[0]
     length, batch, hidden = h.shape
     cols = _padded(hidden)
-    kernel = functools.partial(_backward_kernel, activation, reverse, cols <= _HOIST_MAX)
+    kernel = functools.partial(_backward_kernel, back, reverse, cols <= _HOIST_MAX)
     args = (*((_pad(a, cols), "steps") for a in (h, d_state, d_pre)),
             (_pad(w_t, cols, cols), "whole"), (_pad(d_final, cols), "rows"))
     d_g, d_h0 = _call(kernel, args, (((length, batch, cols), "steps"), ((batch, cols), "rows")),
-                      h.dtype, interpret)
+                      h.dtype)
     return d_g[:, :batch, :hidden], d_h0[:batch, :hidden]
 
 
@@ -292,11 +287,10 @@ def _scan_tangents(kernel: Any, scan: Callable[..., Any]) -> None:
     """Gives ``kernel`` (a ``custom_jvp``) the tangents of ``scan``, the same recurrence
     written with ``lax.scan``: the primal comes from the kernel, the tangent (and hence
     the transposes of higher-order reverse mode) from JAX's own rules."""
-    def jvp(activation: str, reverse: bool, interpret: bool, primals: tuple[Array, ...],
+    def jvp(fn: Callable[..., Array], reverse: bool, primals: tuple[Array, ...],
             tangents: tuple[Array, ...]) -> tuple[Any, Any]:
-        out = kernel(activation, reverse, interpret, *primals)
-        return out, jax.jvp(functools.partial(scan, activation, reverse), primals,
-                            tangents)[1]
+        out = kernel(fn, reverse, *primals)
+        return out, jax.jvp(functools.partial(scan, fn, reverse), primals, tangents)[1]
 
     kernel.defjvp(jvp)
 
