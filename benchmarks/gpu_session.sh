@@ -10,7 +10,7 @@
 # (default 560), most important first:
 #   1. benchmarks/parallel.py: sequential vs DEER vs quasi-DEER vs cuDNN nn.RNN over
 #      T in 10^2..10^5 and H in 4..256 (forward; forward+backward at H=16);
-#   2. benchmarks/gpu_kernels.py: the Elman cell's one-kernel loops against XLA's loop
+#   2. benchmarks/kernels.py: the Elman cell's one-kernel loops against XLA's loop
 #      and cuDNN (and, with --max-hidden 128, where they are not used);
 #   3. jax-rnn bench on the sizes against scan, Flax, Equinox and cuDNN;
 #   4. the correctness tests of the fast and parallel paths and of the kernels, run on
@@ -62,7 +62,7 @@ for m in ('flax', 'equinox', 'dm-haiku', 'rich', 'matplotlib', 'optax'):
 phase parallel 140 "$LOG" "$PY" benchmarks/parallel.py --out "$OUT" --precision highest \
     ${PARALLEL_ARGS:---hs 16 64 4 256 --grad-h 16 --repeats 5}
 # shellcheck disable=SC2086
-phase kernels 200 "$LOG" "$PY" benchmarks/gpu_kernels.py --out "$OUT" \
+phase kernels 200 "$LOG" "$PY" benchmarks/kernels.py --out "$OUT" \
     ${KERNELS_ARGS:---max-hidden 128 --repeats 7}
 # shellcheck disable=SC2086
 phase bench 250 "$LOG" "$PY" -m jax_rnn bench --precision highest --out "$OUT" \

@@ -43,10 +43,12 @@ cell states in the forward loop and precomputes every derivative coefficient for
 backward loop; the GRU's forward loop does one product per step and keeps one array of
 gates, and its backward loop is the general one (see the comment above ``_compact``).
 
-On an NVIDIA GPU, an Elman cell's two loops (tanh or relu, float32, one batch axis or none, at
-most 128 hidden units, no masked, reset or cut steps) run as one Pallas kernel each
-instead of XLA's while loops (:mod:`jax_rnn._kernels`): the forward pass after the
-hoisted projection, and the backward loop; the contractions around them are the same.
+An Elman cell's two loops (tanh or relu, float32, one batch axis or none, no masked,
+reset or cut steps) run as one kernel each instead of XLA's while loops
+(:mod:`jax_rnn._kernels`): on an NVIDIA GPU Pallas kernels (at most 128 hidden units;
+the forward kernel after the hoisted projection), on a CPU C++ kernels
+(:mod:`jax_rnn._native`; the forward kernel projects each step's input itself). The
+contractions after the backward loop are XLA's, as for the other cells.
 
 Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``: use
 ``unroll(..., impl="scan")`` for it (reverse-over-reverse works on both).
@@ -113,7 +115,7 @@ class FusedCell(NamedTuple):
             hidden size on a CPU (see ``_compact``), or ``None``.
         compact_max_hidden: the widest hidden size ``compact_forward`` is used for.
         kernel: ``(activation, back)`` (its derivative from its output) where an Elman
-            cell's loops can run as one GPU kernel each (:mod:`jax_rnn._kernels`), or
+            cell's loops can run as one kernel each (:mod:`jax_rnn._kernels`), or
             ``None``.
     """
 
@@ -561,7 +563,7 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
     Evaluated without differentiation it is a plain loop; differentiated, the forward
     pass hoists the input projection and the backward pass is fused (module docstring).
     """
-    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut))
+    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in))
     if kernel is not None:
         final, tape = _kernel_forward(kernel, reverse, w_in, b_in, w, xs, carry0)
         return final, tape.pre, tape.state
@@ -570,27 +572,29 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
     return final, tape.pre, tape.state
 
 
-def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array,
-            masks: tuple[Any, ...]) -> tuple[Any, Any] | None:
-    """``fc.kernel`` (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one GPU
-    kernel each: an Elman cell with tanh or relu, float32, one batch axis or none, a hidden size
-    of at most ``_kernels.MAX_HIDDEN``, at least one step and no masked, reset or cut
-    steps; else ``None``. (The backward pass asks again with ``d_pre`` for ``xs``: the
-    same answer as the forward pass's.)"""
+def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, ...],
+            others: tuple[Array | None, ...] = ()) -> _kernels.Kernel | None:
+    """``fc.kernel`` (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one kernel
+    each: an Elman cell with tanh or relu, float32, one batch axis or none, a shape that
+    ``_kernels.fits`` (on GPUs at most ``_kernels.MAX_HIDDEN`` hidden units), at least
+    one step and no masked, reset or cut steps; else ``None``. ``others`` (the input
+    weights and bias) must be float32 too. (The backward pass asks again with ``d_pre``
+    for ``xs``: the same answer as the forward pass's.)"""
     if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim not in (2, 3)
             or xs.shape[0] == 0 or _kernels.mode() == "off"):
         return None
     h = fc.hidden(carry0)
     batch = xs.shape[1:-1]  # () or (B,)
-    ok = (h.shape == batch + h.shape[-1:] and all(a.dtype == jnp.float32 for a in (xs, h, w))
+    arrays = (xs, h, w, *(a for a in others if a is not None))
+    ok = (h.shape == batch + h.shape[-1:] and all(a.dtype == jnp.float32 for a in arrays)
           and _kernels.fits(xs.shape[0], math.prod(batch), h.shape[-1]))
     return fc.kernel if ok else None
 
 
-def _kernel_forward(kernel: tuple[Any, Any], reverse: bool, w_in: Array, b_in: Array | None,
+def _kernel_forward(kernel: _kernels.Kernel, reverse: bool, w_in: Array, b_in: Array | None,
                     w: Array, xs: Array, carry0: Array) -> tuple[Array, Tape]:
     """An Elman cell's forward loop as one kernel: ``(final, tape)``."""
-    pre, state = _kernels.forward(kernel[0], reverse, _project(xs, w_in, b_in), w, carry0)
+    pre, state = _kernels.forward(kernel, reverse, xs, w_in, b_in, w, carry0)
     return state[0 if reverse else -1], Tape(None, pre, state, ())
 
 
@@ -610,7 +614,7 @@ def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid
         final, pre, tape = compact_forward(reverse, unroll, w_in, b_in, w, b, xs, carry0)
         res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0))
         return (final, pre, tape.state), res
-    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut))
+    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in))
     if kernel is not None:
         final, tape = _kernel_forward(kernel, reverse, w_in, b_in, w, xs, carry0)
     elif _project_per_step():
@@ -656,9 +660,11 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
         if tape_c.h_in is None:
             tape_c = tape_c._replace(h_in=_previous(tape_c.state, h0, resets_c, reverse, edge,
                                                     cut_c))
+        from_kernel = _kernel(fc, d_pre_c, carry[0], w, (valid_c, keep_c, to_carry0_c))
         carry, d_out = _fused_loop_back(fc, reverse, unroll, w, valid_c, keep_c, to_carry0_c,
                                         tape_c, carry, d_pre_c, d_state_c)
-        return carry, _param_grads(fc, params, xs_c, tape_c, tape_c.h_in, d_out)
+        return carry, _param_grads(fc, params, xs_c, tape_c, tape_c.h_in, d_out,
+                                   gh_first=from_kernel is not None)
 
     if chunk is None:
         (d_c, d_carry0), (d_params, d_xs) = back((d_final, d_carry0), steps, h0)
@@ -675,19 +681,29 @@ def _cast(grads: tuple[Any, ...], params: tuple[Any, ...]) -> tuple[Any, ...]:
 
 
 def _param_grads(fc: FusedCell, params: tuple[Any, ...], xs: Array, tape: Any, h_in: Array,
-                 d_out: Any) -> tuple[tuple[Any, ...], Array]:
+                 d_out: Any, gh_first: bool = False) -> tuple[tuple[Any, ...], Array]:
     """``((d w_in, d b_in, d w, d b), d xs)`` from the steps' backward-loop outputs ``d_out``
     and input states ``h_in``, each one contraction over time and batch (in the
-    contractions' dtype)."""
+    contractions' dtype). ``gh_first``: ``d_out`` comes from a kernel (:mod:`_kernels`;
+    on CPUs laid out ``(H, T, B)``), and the weight gradients are computed transposed,
+    ``d_gh^T @ h_in``: both operands are then in the layout XLA's CPU products take
+    without copies (``h_in^T @ d_gh`` copied both). XLA's own loops write ``d_gh`` by
+    steps, and ``h_in^T @ d_gh`` copies only the narrower ``h_in``."""
     w_in, b_in, _, b = params
     d_gx, d_gh = fc.gate_grads(d_out, tape)
     # tensordot keeps the batch axis intact (no reshape merging it with time), so a batch
     # sharded across devices stays sharded and XLA reduces with an all-reduce (one per
     # chunk on CPUs) instead of gathering every state.
     lead = tuple(range(d_gh.ndim - 1))
-    d_w = jnp.tensordot(h_in, d_gh, axes=(lead, lead))
+
+    def contract(a: Array, d: Array) -> Array:
+        if gh_first:
+            return jnp.tensordot(d, a, axes=(lead, lead)).T
+        return jnp.tensordot(a, d, axes=(lead, lead))
+
+    d_w = contract(h_in, d_gh)
     d_b = None if b is None else d_gh.sum(axis=lead)
-    d_w_in = jnp.tensordot(xs, d_gx, axes=(lead, lead))
+    d_w_in = contract(xs, d_gx)
     d_b_in = None if b_in is None else d_gx.sum(axis=lead)
     return (d_w_in, d_b_in, d_w, d_b), d_gx @ w_in.T
 
@@ -772,7 +788,7 @@ def _fused_loop_back(fc, reverse, unroll, w, valid, keep, to_carry0, tape, carry
     d_carry, d_carry0 = carry
     kernel = _kernel(fc, d_pre, d_carry, w, (valid, keep, to_carry0))
     if kernel is not None:  # the forward loop ran as a kernel too: ``_kernel`` said so
-        d_out, d_carry = _kernels.backward(kernel[1], reverse, tape.state, d_state, d_pre,
+        d_out, d_carry = _kernels.backward(kernel, reverse, tape.state, d_state, d_pre,
                                            w.T, d_carry)
         return (d_carry, d_carry0), d_out
     inputs = fc.prepare(tape, d_pre, d_state)

@@ -1,4 +1,5 @@
-"""One-kernel recurrences for GPUs: the Elman cell's sequential loops as Pallas kernels.
+"""One-kernel recurrences: the Elman cell's sequential loops as one kernel each, on NVIDIA
+GPUs (Pallas kernels, here) and on CPUs (C++ kernels, :mod:`jax_rnn._native`).
 
 On a GPU, XLA runs a ``lax.scan`` as a while loop that launches a few kernels per step;
 at the sizes RNNs are trained at, that launch latency (microseconds per step), not the
@@ -22,12 +23,18 @@ cuDNN's (docs/performance.md). The hidden size is padded with zeros to a power o
 (Triton's arrays): a padded unit stays 0 (``tanh(0) = relu(0) = 0``) and its rows of
 ``w`` are 0, so it never reaches a real unit.
 
+On CPUs the same two loops run as C++ kernels (XLA FFI custom calls, compiled on first
+use: :mod:`jax_rnn._native`), for any hidden size: XLA's CPU loop runs each step's small
+product on one core and pays per operation of the loop body; the kernels share each
+large enough step with a second thread and fuse the activation into the product (about
+2x faster loops at T=1000, B=32, H=128 on 2 cores; docs/performance.md).
+
 The kernels are pure functions of arrays; :func:`forward` and :func:`backward` wrap each
 in a :func:`jax.custom_jvp` whose tangent is the same recurrence's written with
 ``lax.scan``, so that reverse-over-reverse differentiation and ``jax.vmap`` go through
-them. With ``JAX_RNN_KERNELS=interpret`` (the tests, on a CPU) the same kernels run in
+them. With ``JAX_RNN_KERNELS=interpret`` (the tests, on a CPU) the Pallas kernels run in
 Pallas's interpreter. The activation and its derivative are the fused path's own
-(``_fused._BACK_FROM_OUTPUT``), passed in as functions.
+(``_fused._BACK_FROM_OUTPUT``), passed in as a pair of functions.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import Array
+
+from . import _native
 
 
 def _read_mode(environ: Any) -> str:
@@ -55,17 +64,27 @@ def _read_mode(environ: Any) -> str:
 
 
 MODE = _read_mode(os.environ)
-"""``"auto"`` (default): the kernels run where JAX's default backend is an NVIDIA GPU
+"""``"auto"`` (default): the kernels run where JAX's default backend is one NVIDIA GPU
 (a computation placed on another device there runs a plain scan instead: each call
-chooses by the platform it is compiled for); ``"off"``: never (XLA's loops everywhere);
-``"interpret"``: everywhere, in Pallas's interpreter (for tests on a CPU). Read from the
-environment variable ``JAX_RNN_KERNELS`` at import."""
+chooses by the platform it is compiled for) or a CPU with one device (where the C++
+kernels compile: :mod:`jax_rnn._native`), not where the backend has several devices;
+``"off"``: never (XLA's loops everywhere); ``"interpret"``:
+the Pallas kernels everywhere, in Pallas's interpreter (for tests on a CPU). Read from
+the environment variable ``JAX_RNN_KERNELS`` at import."""
 
 
 def mode() -> str:
-    """``"gpu"``, ``"interpret"`` or ``"off"``: whether, and how, the kernels run now."""
+    """``"gpu"``, ``"cpu"``, ``"interpret"`` or ``"off"``: whether, and which, kernels run
+    now."""
     if MODE != "auto":
         return MODE
+    if jax.device_count() > 1:
+        # jit's automatic partitioning cannot split a kernel call (it would gather a
+        # sharded batch onto every device around it), and jax_rnn cannot tell at trace
+        # time whether a call is partitioned: with several devices, XLA's loops.
+        return "off"
+    if jax.default_backend() == "cpu":
+        return "cpu" if _native.available() else "off"
     if jax.default_backend() != "gpu" or not _triton_available():
         return "off"
     version = str(getattr(jax.devices()[0].client, "platform_version", "")).lower()
@@ -84,9 +103,10 @@ def _triton_available() -> bool:
 
 
 MAX_HIDDEN = 128
-"""The widest hidden size the kernels are used for (measured up to 128 on an H200); wider
-ones stay with XLA's loop: a 256 x 256 float32 ``w`` alone would take 512 registers per
-thread of a 4-warp block (at most 255 exist), and no other layout was measured."""
+"""The widest hidden size the GPU kernels are used for (measured up to 128 on an H200;
+the CPU kernels take any); wider ones stay with XLA's loop: a 256 x 256 float32 ``w``
+alone would take 512 registers per thread of a 4-warp block (at most 255 exist), and no
+other layout was measured."""
 
 _MIN_HIDDEN = 16
 """The narrowest padded hidden size."""
@@ -100,8 +120,11 @@ _NUM_WARPS = 4
 
 
 def fits(length: int, batch: int, hidden: int) -> bool:
-    """Whether a sequence of this shape is for the kernels: at most :data:`MAX_HIDDEN`
-    hidden units, and arrays of fewer than 2^31 elements (Triton's offsets are 32-bit)."""
+    """Whether a sequence of this shape is for the kernels: any on CPUs; on GPUs at most
+    :data:`MAX_HIDDEN` hidden units, and arrays of fewer than 2^31 elements (Triton's
+    offsets are 32-bit)."""
+    if mode() == "cpu":
+        return True
     return hidden <= MAX_HIDDEN and length * batch * _padded(hidden) < 2**31
 
 
@@ -111,8 +134,13 @@ def _padded(hidden: int) -> int:
 
 
 ACTIVATIONS = (jnp.tanh, jax.nn.relu)
-"""The Elman activations the kernels are used for (the measured and tested ones). The
-zero padding of hidden units relies on ``activation(0) = 0``."""
+"""The Elman activations the kernels are used for (the measured and tested ones), in the
+order of the C++ kernels' activation codes. The zero padding of hidden units relies on
+``activation(0) = 0``."""
+
+Kernel = tuple[Callable[[Array], Array], Callable[[Array, Array], Array]]
+"""``(activation, back)``: one of :data:`ACTIVATIONS` and its derivative from its output,
+``back(h, d_h) = act'(pre) d_h``."""
 
 
 def _pad(a: Array, cols: int, rows: int | None = None) -> Array:
@@ -196,55 +224,95 @@ def _backward_kernel(back: Callable[[Array, Array], Array], reverse: bool, hoist
     d_h0_ref[...] = jax.lax.fori_loop(0, length, body, d_final_ref[...])  # type: ignore[index]
 
 
-def _forward_scan(activation: Callable[[Array], Array], reverse: bool, gx: Array, w: Array,
-                  h0: Array) -> tuple[Array, Array]:
+def _project(xs: Array, w_in: Array, b: Array | None) -> Array:
+    """The input projection of every step, ``xs @ w_in + b``."""
+    gx = xs @ w_in
+    return gx if b is None else gx + b
+
+
+def _forward_scan(kernel: Kernel, reverse: bool, xs: Array, w_in: Array, b: Array | None,
+                  w: Array, h0: Array) -> tuple[Array, Array]:
     """``forward`` written with ``lax.scan``: its tangents, and the reference."""
     def body(h: Array, gx_t: Array) -> tuple[Array, tuple[Array, Array]]:
         pre = gx_t + h @ w
-        h = activation(pre)
+        h = kernel[0](pre)
         return h, (pre, h)
 
-    return jax.lax.scan(body, h0, gx, reverse=reverse)[1]
+    return jax.lax.scan(body, h0, _project(xs, w_in, b), reverse=reverse)[1]
 
 
-def _backward_scan(back: Callable[[Array, Array], Array], reverse: bool, h: Array,
-                   d_state: Array, d_pre: Array, w_t: Array,
-                   d_final: Array) -> tuple[Array, Array]:
+def _backward_scan(kernel: Kernel, reverse: bool, h: Array, d_state: Array, d_pre: Array,
+                   w_t: Array, d_final: Array) -> tuple[Array, Array]:
     """``backward`` written with ``lax.scan``: its tangents, and the reference."""
     def body(d_h: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, Array]:
         h_t, d_state_t, d_pre_t = xs
-        d_g = back(h_t, d_h + d_state_t) + d_pre_t
+        d_g = kernel[1](h_t, d_h + d_state_t) + d_pre_t
         return d_g @ w_t, d_g
 
     d_h0, d_g = jax.lax.scan(body, d_final, (h, d_state, d_pre), reverse=not reverse)
     return d_g, d_h0
 
 
-def _on_cuda(kernel: Callable[..., Any], scan: Callable[..., Any], *args: Array) -> Any:
-    """``kernel(*args)`` where the call is compiled for an NVIDIA GPU, ``scan(*args)`` (the
-    same recurrence with ``lax.scan``) for any other platform, e.g. a CPU device chosen with
-    ``jax.default_device`` in a process whose default backend is a GPU; in the interpreter,
-    the kernel everywhere."""
+def _dispatch(gpu: Callable[..., Any], cpu: Callable[..., Any], scan: Callable[..., Any],
+              *args: Any) -> Any:
+    """``gpu(*args)`` where the call is compiled for an NVIDIA GPU in a GPU process,
+    ``cpu(*args)`` where it is compiled for a CPU in a CPU process, ``scan(*args)`` (the
+    same recurrence with ``lax.scan``) for any other platform, e.g. a CPU device chosen
+    with ``jax.default_device`` in a process whose default backend is a GPU; in the
+    interpreter, the Pallas kernel everywhere. Each function takes one unbatched
+    sequence (``(T, H)`` steps) or a batch (``(T, B, H)``)."""
     if MODE == "interpret":
-        return kernel(*args)
-    return jax.lax.platform_dependent(*args, cuda=kernel, default=scan)
+        return gpu(*args)
+    where = mode()
+    branches = {"cuda": gpu} if where == "gpu" else {"cpu": cpu} if where == "cpu" else {}
+    return jax.lax.platform_dependent(*args, **branches, default=scan)
+
+
+def _as_batch(fn: Callable[..., tuple[Array, ...]], kinds: str,
+              outs: str) -> Callable[..., tuple[Array, ...]]:
+    """``fn`` of batched arrays made to take one unbatched sequence too, as a batch of one
+    row. ``kinds``/``outs``: each argument's/result's kind, ``s`` for steps, ``t`` for
+    steps transposed to ``(H, T, B)``, ``r`` for rows (one state), ``m`` for a matrix
+    (unchanged)."""
+    def call(*args: Array) -> tuple[Array, ...]:
+        if args[0].ndim == 3:
+            return fn(*args)
+        inner = {"s": lambda a: a[:, None], "r": lambda a: a[None], "m": lambda a: a}
+        outer = {"s": lambda a: a[:, 0], "r": lambda a: a[0], "t": lambda a: a[..., 0]}
+        results = fn(*(inner[k](a) for a, k in zip(args, kinds, strict=True)))
+        return tuple(outer[k](a) for a, k in zip(results, outs, strict=True))
+
+    return call
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def forward(activation: Callable[[Array], Array], reverse: bool, gx: Array, w: Array,
+def forward(kernel: Kernel, reverse: bool, xs: Array, w_in: Array, b: Array | None, w: Array,
             h0: Array) -> tuple[Array, Array]:
-    """``(pre, h)`` of an Elman recurrence over the projected inputs ``gx`` (``(T, B, H)``
-    or ``(T, H)``, biases included) from ``h0`` (``(B, H)`` or ``(H,)``), in one kernel;
-    ``w`` is ``(H, H)``."""
-    return _on_cuda(functools.partial(_forward_rows, activation, reverse),
-                    functools.partial(_forward_scan, activation, reverse), gx, w, h0)
+    """``(pre, h)`` of an Elman recurrence ``h_t = act(x_t @ w_in + b + h_{t-1} @ w)`` over
+    the inputs ``xs`` (``(T, B, I)`` or ``(T, I)``) from ``h0`` (``(B, H)`` or ``(H,)``),
+    the loop in one kernel. On GPUs the input projection runs before it, as one product;
+    on CPUs inside it, step by step, and ``pre`` is recomputed from the states afterwards
+    with one product (XLA drops it where it is unused)."""
+    code = ACTIVATIONS.index(kernel[0])
+    gpu = _as_batch(functools.partial(_forward_rows, kernel[0], reverse), "smmmr", "ss")
+    return _dispatch(gpu, functools.partial(_forward_native, code, reverse),
+                     functools.partial(_forward_scan, kernel, reverse), xs, w_in, b, w, h0)
 
 
-def _forward_rows(activation: Callable[[Array], Array], reverse: bool, gx: Array, w: Array,
-                  h0: Array) -> tuple[Array, Array]:
-    if gx.ndim == 2:  # one unbatched sequence: a batch of one row
-        pre, h = _forward_rows(activation, reverse, gx[:, None], w, h0[None])
-        return pre[:, 0], h[:, 0]
+def _forward_native(code: int, reverse: bool, xs: Array, w_in: Array, b: Array | None,
+                    w: Array, h0: Array) -> tuple[Array, Array]:
+    """The C++ kernel's states, and the pre-activations from them."""
+    bias = jnp.zeros(w.shape[-1:], w.dtype) if b is None else b
+    (h,) = _as_batch(_native.forward(code, reverse), "smmmr", "s")(xs, w_in, bias, w, h0)
+    edge = jnp.expand_dims(h0, 0)
+    h_in = jnp.concatenate([h[1:], edge] if reverse else [edge, h[:-1]])
+    stacked = jnp.concatenate([w_in, w])
+    return _project(jnp.concatenate([xs, h_in], axis=-1), stacked, b), h
+
+
+def _forward_rows(activation: Callable[[Array], Array], reverse: bool, xs: Array,
+                  w_in: Array, b: Array | None, w: Array, h0: Array) -> tuple[Array, Array]:
+    gx = _project(xs, w_in, b)
     length, batch, hidden = gx.shape
     cols = _padded(hidden)
     kernel = functools.partial(_forward_kernel, activation, reverse, cols <= _HOIST_MAX)
@@ -255,24 +323,28 @@ def _forward_rows(activation: Callable[[Array], Array], reverse: bool, gx: Array
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def backward(back: Callable[[Array, Array], Array], reverse: bool, h: Array, d_state: Array,
-             d_pre: Array, w_t: Array, d_final: Array) -> tuple[Array, Array]:
+def backward(kernel: Kernel, reverse: bool, h: Array, d_state: Array, d_pre: Array,
+             w_t: Array, d_final: Array) -> tuple[Array, Array]:
     """``(d_pre_activations, d_h0)``: the backward loop of ``forward``'s recurrence given
-    the activation's derivative from its output (``back(h, d_h) = act'(pre) d_h``), the
-    states ``h``, the cotangents of the public states and pre-activations, ``w.T`` and
+    the states ``h``, the cotangents of the public states and pre-activations, ``w.T`` and
     the cotangent of the final state, in one kernel (batched or not, as ``forward``)."""
-    return _on_cuda(functools.partial(_backward_rows, back, reverse),
-                    functools.partial(_backward_scan, back, reverse),
-                    h, d_state, d_pre, w_t, d_final)
+    code = ACTIVATIONS.index(kernel[0])
+    return _dispatch(
+        _as_batch(functools.partial(_backward_rows, kernel[1], reverse), "sssmr", "sr"),
+        functools.partial(_backward_native, code, reverse),
+        functools.partial(_backward_scan, kernel, reverse), h, d_state, d_pre, w_t, d_final)
+
+
+def _backward_native(code: int, reverse: bool, *args: Array) -> tuple[Array, Array]:
+    """The C++ kernel, its ``d_g^T`` (``(H, T, B)``) transposed back to ``(T, B, H)``:
+    XLA folds the transpose into the weight-gradient products that read it."""
+    d_g_t, d_h0 = _as_batch(_native.backward(code, reverse), "sssmr", "tr")(*args)
+    return jnp.moveaxis(d_g_t, 0, -1), d_h0
 
 
 def _backward_rows(back: Callable[[Array, Array], Array], reverse: bool, h: Array,
                    d_state: Array, d_pre: Array, w_t: Array,
                    d_final: Array) -> tuple[Array, Array]:
-    if h.ndim == 2:  # one unbatched sequence: a batch of one row
-        d_g, d_h0 = _backward_rows(back, reverse, h[:, None],
-                                   d_state[:, None], d_pre[:, None], w_t, d_final[None])
-        return d_g[:, 0], d_h0[0]
     length, batch, hidden = h.shape
     cols = _padded(hidden)
     kernel = functools.partial(_backward_kernel, back, reverse, cols <= _HOIST_MAX)
@@ -287,10 +359,10 @@ def _scan_tangents(kernel: Any, scan: Callable[..., Any]) -> None:
     """Gives ``kernel`` (a ``custom_jvp``) the tangents of ``scan``, the same recurrence
     written with ``lax.scan``: the primal comes from the kernel, the tangent (and hence
     the transposes of higher-order reverse mode) from JAX's own rules."""
-    def jvp(fn: Callable[..., Array], reverse: bool, primals: tuple[Array, ...],
+    def jvp(pair: Kernel, reverse: bool, primals: tuple[Array, ...],
             tangents: tuple[Array, ...]) -> tuple[Any, Any]:
-        out = kernel(fn, reverse, *primals)
-        return out, jax.jvp(functools.partial(scan, fn, reverse), primals, tangents)[1]
+        out = kernel(pair, reverse, *primals)
+        return out, jax.jvp(functools.partial(scan, pair, reverse), primals, tangents)[1]
 
     kernel.defjvp(jvp)
 

@@ -740,10 +740,11 @@ def unroll(
             ``"scan"``: plain autodiff through :func:`jax.lax.scan`, for comparison and
             for forward-mode autodiff (``jax.jvp``/``jax.jacfwd``), which a custom VJP
             does not support. User cells and ``remat`` always run ``"scan"``. Both give
-            the same values and gradients up to float rounding. On an NVIDIA GPU,
-            ``"fused"`` runs an Elman cell's (tanh or relu; float32, one batch axis or none, at
-            most 128 hidden units, no ``seq_lengths``, ``resets`` or ``truncate``)
-            forward and backward loops as one Pallas kernel each, as cuDNN does (the
+            the same values and gradients up to float rounding. ``"fused"`` runs an
+            Elman cell's (tanh or relu; float32, one batch axis or none, no
+            ``seq_lengths``, ``resets`` or ``truncate``) forward and backward loops as
+            one kernel each, as cuDNN does: on an NVIDIA GPU a Pallas kernel (at most
+            128 hidden units), on a CPU a C++ kernel compiled on first use (the
             environment variable ``JAX_RNN_KERNELS=off`` turns them off).
         method: ``"sequential"`` (default): one step after another with
             :func:`jax.lax.scan`. ``"deer"`` / ``"quasi_deer"``: parallel-in-time

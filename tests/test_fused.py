@@ -178,8 +178,9 @@ def _with_options(cell, steps, batch, kw, key, seed):
     return params, xs, state0, kw
 
 
+# (An Elman case with resets and chunks was dropped for the suite's time: the LSTM case
+# runs the same general fused path with resets, truncation and chunks.)
 @pytest.mark.parametrize(("name", "kw", "chunk"), [
-    ("elman", {"truncate": 2, "resets": True}, 2),
     ("gru", {"truncate": 2, "reverse": True}, None),
     ("lstm", {"truncate": 3, "resets": True, "seq_lengths": (7, 4)}, 2),
     ("elman_user", {"truncate": 3}, None),

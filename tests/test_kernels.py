@@ -1,11 +1,14 @@
 """The Elman cell's one-kernel loops (jax_rnn._kernels) against the numpy reference and
 plain autodiff through scan.
 
-On a CPU the kernels run in Pallas's interpreter (``JAX_RNN_KERNELS=interpret`` for these
-tests); on an NVIDIA GPU (benchmarks/gpu_session.sh runs this file there) they run as
-compiled kernels. Forward values are compared with ``jax_rnn.reference.numpy_unroll`` (a
-float64 numpy loop written from the equations), gradients with ``impl="scan"`` (plain
-autodiff), both at float32 rounding: the kernels are float32 only.
+The GPU (Pallas) kernels: on a CPU they run in Pallas's interpreter
+(``JAX_RNN_KERNELS=interpret`` for these tests, the ``kernels`` fixture); on an NVIDIA GPU
+(benchmarks/gpu_session.sh runs this file there) they run as compiled kernels. The CPU
+(C++) kernels (jax_rnn._native, the ``native`` fixture): compiled here, which needs a C++
+compiler (CI has one; without one these tests fail, saying so). Forward values are
+compared with ``jax_rnn.reference.numpy_unroll`` (a float64 numpy loop written from the
+equations), gradients with ``impl="scan"`` (plain autodiff), both at float32 rounding:
+the kernels are float32 only.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_rnn
-from jax_rnn import _kernels
+from jax_rnn import _kernels, _native
 from jax_rnn.reference import numpy_unroll
 
 from ._strategies import as64
@@ -38,9 +41,25 @@ def kernels(monkeypatch):
     jax.clear_caches()
 
 
+@pytest.fixture
+def native(monkeypatch):
+    """The CPU kernels on (``JAX_RNN_KERNELS=auto`` on a CPU), and unroll's jit cache
+    cleared before and after."""
+    if jax.default_backend() != "cpu":
+        pytest.fail("the C++ kernel tests run where JAX's default backend is a CPU")
+    monkeypatch.setattr(_kernels, "MODE", "auto")
+    assert _native.available(), f"the CPU kernels did not compile: {_native.unavailable_reason()}"
+    jax.clear_caches()
+    yield
+    jax.clear_caches()
+
+
 def _kernel_calls(fn, *args) -> int:
-    """How many kernels the traced ``fn`` runs (a forward loop 1, with its gradient 2)."""
-    return str(jax.make_jaxpr(fn)(*args)).count("pallas_call")
+    """How many kernels the traced ``fn`` runs (a forward loop 1, with its gradient 2):
+    Pallas calls, or calls of the C++ kernels' FFI targets."""
+    text = str(jax.make_jaxpr(fn)(*args))
+    return (text.count("pallas_call") + text.count("target_name=jax_rnn_elman_forward")
+            + text.count("target_name=jax_rnn_elman_backward"))
 
 
 def _uses_kernel(fn, *args) -> bool:
@@ -119,9 +138,11 @@ def test_kernel_edge_cases(kernels, relu, steps, batch, hidden, reverse):
     _check(relu, steps, batch, 2, hidden, 4.0 if relu else 1.0, reverse, seed=7)
 
 
-def test_kernel_backward_in_chunks(kernels, monkeypatch):
+@pytest.mark.parametrize("setup", ["kernels", "native"])
+def test_kernel_backward_in_chunks(setup, request, monkeypatch):
     """On CPUs the backward pass runs in chunks of steps: the backward kernel then runs
     once per chunk (2 chunks of 3 steps and a remainder of 1 here)."""
+    request.getfixturevalue(setup)
     monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: 3)
     _check(False, 7, 2, 2, 5, 1.0, False, seed=8, kernels_run=(1, 3))
 
@@ -146,9 +167,11 @@ def test_kernel_choice_follows_the_compiling_platform(monkeypatch):
         jax.clear_caches()
 
 
-def test_kernel_through_stack_vmap_and_second_order(kernels):
+@pytest.mark.parametrize("setup", ["kernels", "native"])
+def test_kernel_through_stack_vmap_and_second_order(setup, request):
     """Through a bidirectional stack (16 hidden units: no padding), under vmap, and
     reverse-over-reverse (the kernels' custom_jvp), against impl="scan"."""
+    request.getfixturevalue(setup)
     model = jax_rnn.stack([jax_rnn.bidirectional(jax_rnn.elman), jax_rnn.elman_relu])
     params = model.init(jax.random.key(4), 3, 16, dtype=np.float32)
     xs = np.random.default_rng(4).normal(size=(5, 2, 17, 3)).astype(np.float32)
@@ -177,7 +200,7 @@ def test_kernel_through_stack_vmap_and_second_order(kernels):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(abs(b).max())))
 
 
-@pytest.mark.parametrize(("what", "cell", "kw"), [
+_WHERE = [
     ("eligible", jax_rnn.elman, {}),  # the same call without what each other case adds
     ("masked steps", jax_rnn.elman, {"seq_lengths": np.array([3, 1])}),
     ("resets", jax_rnn.elman, {"resets": np.eye(4, 2, dtype=bool)}),
@@ -188,12 +211,22 @@ def test_kernel_through_stack_vmap_and_second_order(kernels):
     ("another activation", jax_rnn.make_elman(jax.nn.sigmoid), {}),
     ("GRU", jax_rnn.gru, {}),
     ("impl=scan", jax_rnn.elman, {"impl": "scan"}),
-])
-def test_kernels_only_where_they_apply(kernels, what, cell, kw):
+]
+# Both kinds of kernel share the choice (_fused._kernel) except the size limit
+# (_kernels.fits): the C++ kernels run the cases around that, and one mask and dtype.
+_NATIVE_WHERE = ("eligible", "hidden over MAX_HIDDEN", "masked steps", "float64")
+
+
+@pytest.mark.parametrize(("setup", "what", "cell", "kw"),
+                         [("kernels", *case) for case in _WHERE]
+                         + [("native", *case) for case in _WHERE if case[0] in _NATIVE_WHERE])
+def test_kernels_only_where_they_apply(setup, request, what, cell, kw):
     """Everything the kernels do not cover runs XLA's loops, forward and backward (their
     values against impl="scan" and the numpy references: tests/test_fused.py and the
     other test files); the "eligible" case, the same call without any of it, runs the
-    kernels."""
+    kernels, and so does a hidden size over MAX_HIDDEN on a CPU."""
+    request.getfixturevalue(setup)
+    eligible = what == "eligible" or (setup == "native" and what == "hidden over MAX_HIDDEN")
     kw = dict(kw)
     dtype, hidden = kw.pop("dtype", np.float32), kw.pop("hidden", 5)
     batch = kw.pop("batch", (2,))
@@ -203,19 +236,20 @@ def test_kernels_only_where_they_apply(kernels, what, cell, kw):
     def loss(p):
         return jnp.sum(jnp.sin(jax_rnn.unroll(cell, p, xs, **kw)[1].state))
 
-    assert _uses_kernel(jax.grad(loss), params) == (what == "eligible")
+    assert _uses_kernel(jax.grad(loss), params) == eligible
 
 
 def test_kernels_mode_from_the_environment(monkeypatch):
-    """JAX_RNN_KERNELS (read at import): "auto" runs the kernels on NVIDIA GPUs only, "off"
-    nowhere; any other value is a clear error naming the variable and the choices."""
+    """JAX_RNN_KERNELS (read at import): "auto" runs the kernels on NVIDIA GPUs and CPUs
+    (where the C++ kernels compile), "off" nowhere; any other value is a clear error
+    naming the variable and the choices."""
     assert _kernels._read_mode({}) == "auto"
     assert _kernels._read_mode({"JAX_RNN_KERNELS": " OFF "}) == "off"
     with pytest.raises(ValueError, match=r"JAX_RNN_KERNELS must be \"auto\", \"off\" or "
                                          r"\"interpret\", got 'on'"):
         _kernels._read_mode({"JAX_RNN_KERNELS": "on"})
     monkeypatch.setattr(_kernels, "MODE", "auto")
-    assert _kernels.mode() == ("gpu" if ON_GPU else "off")
+    assert _kernels.mode() == ("gpu" if ON_GPU else "cpu")
     monkeypatch.setattr(_kernels, "MODE", "off")
     assert _kernels.mode() == "off"
 
@@ -237,3 +271,171 @@ def test_kernels_lower_to_triton_for_cuda(monkeypatch, batch, hidden):
         assert text.count("xla.gpu.triton") == 2
     finally:
         jax.clear_caches()
+
+
+# The C++ kernels: a step is split into panels of 16 columns and blocks of 8 rows, so
+# sizes around those (and 1) cover the tails; steps of at least 2^15 multiply-adds
+# (batch * (inputs + hidden) * hidden forward, batch * hidden^2 backward) are shared with
+# a second thread.
+@settings(max_examples=4)  # beside the explicit edge cases below
+@given(
+    relu=st.booleans(),
+    steps=st.integers(1, 12),
+    batch=st.one_of(st.none(), st.integers(1, 20)),
+    inputs=st.integers(1, 4),
+    hidden=st.integers(1, 40),
+    scale=st.sampled_from([0.5, 1.0, 4.0]),  # 4: tanh saturates, relu grows
+    reverse=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_cpu_kernel_values_and_gradients(relu, steps, batch, inputs, hidden, scale, reverse,
+                                         seed):
+    assert jax.default_backend() == "cpu", "the C++ kernel tests run on a CPU backend"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_kernels, "MODE", "auto")
+        jax.clear_caches()
+        try:
+            _check(relu, steps, batch, inputs, hidden, scale, reverse, seed)
+        finally:
+            jax.clear_caches()
+
+
+@pytest.mark.parametrize(("relu", "steps", "batch", "hidden", "reverse"), [
+    (False, 1, 1, 1, False),  # one step, one row, one unit
+    (True, 1, None, 1, True),  # unbatched
+    (False, 3, 9, 17, True),  # a row block of 8 and 1, panels of 16 and 1
+    (True, 2, 8, 16, False),  # exact blocks
+    (False, 20, 32, 64, False),  # shared with a second thread (32 * 64^2 = 2^17)
+    (False, 20, 3, 160, True),  # shared (3 * 160^2 > 2^16), over the GPU's MAX_HIDDEN
+    (False, 200, 5, 100, True),  # shared, 200 steps, a 5-row block, a 4-column panel
+])
+def test_cpu_kernel_edge_cases(native, relu, steps, batch, hidden, reverse):
+    """(ReLU at scale 4 over 20 steps is left out: its float32 gradients differ from
+    float64's by about 2% on every path, XLA's loops and impl="scan" alike.)"""
+    _check(relu, steps, batch, 2, hidden, 4.0 if relu else 1.0, reverse, seed=11)
+
+
+def test_cpu_kernel_propagates_nan(native):
+    """A NaN in the inputs reaches the same states as in XLA's loop (tanh(NaN) and
+    relu(NaN) are NaN); the other rows are untouched."""
+    for cell in (jax_rnn.elman, jax_rnn.elman_relu):
+        params, xs, state0 = _problem(cell, 4, 3, 2, 5, 1.0, seed=12)
+        xs[1, 0, 0] = np.nan
+        got = jax_rnn.unroll(cell, params, xs, state0)[1].state
+        want = jax_rnn.unroll(cell, params, xs, state0, impl="scan")[1].state
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        assert np.isnan(got[1:, 0]).all() and not np.isnan(got[:, 1:]).any()
+
+
+def test_cpu_kernel_under_vmap(native):
+    """A vmap over unbatched sequences with shared weights folds its axis into the
+    kernel's batch (one call), and so does one over batches of sequences (reversed);
+    one over per-example weights runs a call per example; nested vmaps fold both. Values
+    and gradients against impl="scan"."""
+    cell = jax_rnn.elman
+    params, xs, _ = _problem(cell, 6, 4, 3, 7, 1.0, seed=13)  # xs (6, 4, 3)
+    per_example = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a, 2 * a]), params)
+
+    def loss(p, x, impl):
+        return jnp.sum(jnp.sin(jax_rnn.unroll(cell, p, x, impl=impl)[1].state))
+
+    def loss_reversed(p, x, impl):
+        return jnp.sum(jnp.sin(jax_rnn.unroll(cell, p, x, impl=impl, reverse=True)[1].state))
+
+    batched = np.stack([xs, 2 * xs])  # (2, 6, 4, 3): each element a batch of 4 sequences
+    cases = [
+        (jax.vmap(jax.value_and_grad(loss), in_axes=(None, 1, None)), params, xs),
+        (jax.vmap(jax.value_and_grad(loss_reversed), in_axes=(None, 0, None)), params, batched),
+        (jax.vmap(jax.value_and_grad(loss), in_axes=(0, 1, None)), per_example, xs),
+        (jax.vmap(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 0, None)),
+                  in_axes=(None, 0, None)), params, np.moveaxis(xs, 1, 0).reshape(2, 2, 6, 3)),
+    ]
+    for fn, p, x in cases:
+        assert _kernel_calls(lambda p, x, fn=fn: fn(p, x, "fused"), p, x) == 2
+        for a, b in zip(jax.tree.leaves(fn(p, x, "fused")), jax.tree.leaves(fn(p, x, "scan")),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, float(abs(b).max())))
+
+
+def test_cpu_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
+    """Where the C++ source cannot be compiled (here a compiler that always fails), jax_rnn
+    warns once with the reason and runs XLA's loops: the same values as impl="scan"."""
+    monkeypatch.setattr(_kernels, "MODE", "auto")
+    monkeypatch.setenv("CXX", "false")
+    monkeypatch.setenv("JAX_RNN_CACHE_DIR", str(tmp_path))
+    _native._load.cache_clear()
+    _native._warn_once.cache_clear()
+    jax.clear_caches()
+    try:
+        with pytest.warns(UserWarning, match=r"jax_rnn: the CPU kernels for the Elman cell "
+                                             r"are not available \(false could not compile "
+                                             r"elman.cc.*JAX_RNN_KERNELS=off"):
+            assert _kernels.mode() == "off"
+        cell = jax_rnn.elman
+        params, xs, state0 = _problem(cell, 5, 2, 3, 4, 1.0, seed=14)
+        run = jax.jit(lambda p, x, s: jax_rnn.unroll(cell, p, x, s))
+        assert _kernel_calls(run, params, xs, state0) == 0
+        np.testing.assert_allclose(run(params, xs, state0)[1].state,
+                                   jax_rnn.unroll(cell, params, xs, state0,
+                                                  impl="scan")[1].state, rtol=1e-6, atol=1e-6)
+        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    finally:
+        monkeypatch.undo()
+        _native._load.cache_clear()
+        _native._warn_once.cache_clear()
+        jax.clear_caches()
+
+
+def test_cpu_kernel_tanh_and_relu_pointwise(native):
+    """The kernels' own tanh and relu, through the forward kernel with one unit, w_in = 1,
+    w = 0, one step and each value in its own row (so h = act(x)): within 2.5 float32 ulp
+    of float64 tanh on a grid over [-20, 20] and at tiny values, exact at 0, +-inf and
+    NaN."""
+    grid = np.concatenate([np.linspace(-20, 20, 40001), [0.4, -0.4, 0.3999999, 1e-30, -1e-7,
+                                                        3e-4, 9.0, 87.0, -0.0, np.inf,
+                                                        -np.inf, np.nan]]).astype(np.float32)
+    xs = grid[None, :, None]  # (T, B, I) = (1, values, 1)
+    one, zero = np.ones((1, 1), np.float32), np.zeros((1, 1), np.float32)
+    bias, h0 = np.zeros((1,), np.float32), np.zeros((grid.size, 1), np.float32)
+    for code, want in ((0, np.tanh(grid.astype(np.float64))), (1, np.maximum(grid, 0))):
+        (h,) = jax.jit(_native.forward(code, False))(xs, one, bias, zero, h0)
+        got = np.asarray(h)[0, :, 0]
+        finite = np.isfinite(want) & (want != 0)
+        ulp = np.spacing(np.abs(want[finite]).astype(np.float32))
+        assert (np.abs(got[finite] - want[finite]) <= 2.5 * ulp).all()
+        np.testing.assert_array_equal(got[~finite], want[~finite].astype(np.float32))
+
+
+def test_cpu_kernel_checks_its_shapes(native):
+    """Called with inconsistent shapes (jax_rnn never does), a kernel fails with an error
+    naming itself and the operand instead of reading out of bounds."""
+    xs, h0 = np.zeros((3, 2, 4), np.float32), np.zeros((2, 5), np.float32)
+    w, bias = np.zeros((5, 5), np.float32), np.zeros((5,), np.float32)
+    with pytest.raises(Exception, match="jax_rnn_elman_forward: w_in has the wrong shape"):
+        jax.block_until_ready(_native.forward(0, False)(xs, np.zeros((5, 5), np.float32),
+                                                        bias, w, h0))
+    with pytest.raises(Exception, match="jax_rnn_elman_backward: d_final has the wrong shape"):
+        h = np.zeros((3, 2, 5), np.float32)
+        jax.block_until_ready(_native.backward(0, False)(h, h, h, w, np.zeros((3, 5),
+                                                                              np.float32)))
+
+
+def test_cpu_kernel_without_bias(native):
+    """A cell without biases runs the kernels (a zero bias inside) with the reference's
+    values. (Parameters of mixed dtypes never reach them: unroll rejects them.)"""
+    cell = jax_rnn.elman
+    params, xs, state0 = _problem(cell, 6, 3, 2, 9, 1.0, seed=15)
+    params = params._replace(b_cell=None, b_output=None)
+    run = jax.jit(lambda p, x, s: jax_rnn.unroll(cell, p, x, s))
+    assert _kernel_calls(run, params, xs, state0) == 1
+    ref = numpy_unroll(as64(params), xs.astype(np.float64), state0.astype(np.float64))[1]
+    np.testing.assert_allclose(run(params, xs, state0)[1].state, ref.state, rtol=2e-5,
+                               atol=2e-5)
+
+
+def test_kernels_off_with_several_devices(monkeypatch):
+    """With several devices jit may partition a call, which it cannot do around a kernel:
+    "auto" then runs XLA's loops."""
+    monkeypatch.setattr(_kernels, "MODE", "auto")
+    monkeypatch.setattr(jax, "device_count", lambda *a: 2)
+    assert _kernels.mode() == "off"

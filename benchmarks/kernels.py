@@ -1,22 +1,25 @@
-"""The Elman cell's one-kernel loops (jax_rnn._kernels) against XLA's loop and cuDNN, on a GPU.
+"""The Elman cell's one-kernel loops (jax_rnn._kernels) against XLA's loop and PyTorch.
 
-    python benchmarks/gpu_kernels.py --out DIR [--repeats 7] [--sizes t1000_b32 ...]
+    python benchmarks/kernels.py --out DIR [--repeats 7] [--sizes t1000_b32 ...] [--relu]
 
-For each size, in one process: ``jax_rnn.unroll(elman, ...)`` forward and forward+backward
-(loss = sum of the states, gradient with respect to every parameter) with the kernels
-(``"kernel"``: the default on an NVIDIA GPU; ``"kernel_*"``: the same with 8 warps
-instead of 4, or with ``w`` kept in registers or not), with them off (``"xla"``: the
-fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's cuDNN
-``nn.RNN(tanh)`` on the same weights. ``--max-hidden`` lets the kernels run at hidden
-sizes over ``jax_rnn._kernels.MAX_HIDDEN``, to measure them there. float32 with
-full-precision products everywhere (JAX "highest", PyTorch's TF32 off). Every variant is
+On an NVIDIA GPU (the Pallas kernels) or a CPU (the C++ kernels), for each size, in one
+process: ``jax_rnn.unroll(elman, ...)`` (``--relu``: ``elman_relu``) forward and
+forward+backward (loss = sum of the states, gradient with respect to every parameter)
+with the kernels (``"kernel"``: the default; on a GPU also ``"kernel_*"``: the same with
+8 warps instead of 4, or with ``w`` kept in registers or not), with them off (``"xla"``:
+the fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's ``nn.RNN`` on
+the same weights (``"cudnn"`` on a GPU, ``"torch"`` on a CPU). ``--max-hidden`` lets the
+GPU kernels run at hidden sizes over ``jax_rnn._kernels.MAX_HIDDEN``, to measure them
+there. float32 with full-precision products everywhere (JAX "highest", PyTorch's TF32
+off). Every variant is
 compiled first; then the variants are timed in turn, in an order that changes from
 round to round, and each figure is the median over the rounds (a sample averages
 back-to-back calls when one call is short): ``jax-rnn bench``'s sampler. The states
 and gradients of every JAX variant are compared with the ``"xla"`` variant's (largest
 difference over the largest entry). The figures in
 ``benchmarks/results/h200-2026-11-28-kernels/`` were taken with this script's first
-version, which sampled in the same order every round.
+version (then ``benchmarks/gpu_kernels.py``), which sampled in the same order every
+round.
 Writes ``DIR/kernels.json`` and prints a table.
 """
 
@@ -42,7 +45,8 @@ SIZES = {  # T, B, I, H: three of the issue #4 bench sizes, and one at H = 64 wi
     "t10000_b8": (10000, 8, 32, 64),
     "t1000_b32_h64": (1000, 32, 64, 64),
     "t1000_b32": (1000, 32, 64, 128),
-    "tiny": (20, 3, 2, 8),  # a smoke test; on a CPU the kernels run interpreted
+    "t200_b64": (200, 64, 256, 512),  # CPUs only (over the GPU kernels' MAX_HIDDEN)
+    "tiny": (20, 3, 2, 8),  # a smoke test
 }
 VARIANTS = {  # name: (JAX_RNN_KERNELS, {knob of jax_rnn._kernels: value})
     "xla": ("off", {}),
@@ -52,11 +56,12 @@ VARIANTS = {  # name: (JAX_RNN_KERNELS, {knob of jax_rnn._kernels: value})
 }
 
 
-def _compile(variant: str, hidden: int, params: Any, xs: Any) -> tuple[Any, Any, float]:
+def _compile(variant: str, cell: Any, hidden: int, params: Any,
+             xs: Any) -> tuple[Any, Any, float]:
     """AOT-compiled forward and forward+backward of one variant, and the compile time."""
     mode, knobs = VARIANTS[variant]
     saved = {k: getattr(_kernels, k) for k in ("MODE", *knobs)}
-    _kernels.MODE = "interpret" if mode == "auto" and jax.default_backend() == "cpu" else mode
+    _kernels.MODE = mode
     for knob, value in knobs.items():
         if value == "flip":  # the other side of the default's choice for this hidden size
             value = 0 if hidden <= saved[knob] else 1 << 20
@@ -64,7 +69,7 @@ def _compile(variant: str, hidden: int, params: Any, xs: Any) -> tuple[Any, Any,
     jax.clear_caches()  # unroll's traces hold the kernel choice
     try:
         def forward(p, x):
-            return jax_rnn.unroll(jax_rnn.elman, p, x)[1].state
+            return jax_rnn.unroll(cell, p, x)[1].state
 
         def loss(p, x):
             return jnp.sum(forward(p, x))
@@ -73,7 +78,8 @@ def _compile(variant: str, hidden: int, params: Any, xs: Any) -> tuple[Any, Any,
         fwd = jax.jit(forward).lower(params, xs).compile()
         grad = jax.jit(jax.grad(loss)).lower(params, xs).compile()
         jax.block_until_ready((fwd(params, xs), grad(params, xs)))
-        uses = "pallas_call" in str(jax.make_jaxpr(jax.grad(loss))(params, xs))
+        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, xs))
+        uses = "pallas_call" in jaxpr or "jax_rnn_elman" in jaxpr
         return (fwd, grad), uses, time.perf_counter() - start
     finally:
         for knob, value in saved.items():
@@ -88,28 +94,31 @@ def _rel(a: Any, b: Any) -> float:
     return diff / scale if scale else diff
 
 
-def run_size(name: str, repeats: int, variants: list[str]) -> list[dict]:
+def run_size(name: str, repeats: int, variants: list[str], relu: bool) -> list[dict]:
     t, b, i, h = SIZES[name]
-    params = jax_rnn.elman.init(jax.random.key(0), i, h, dtype=jnp.float32)
+    cell = jax_rnn.elman_relu if relu else jax_rnn.elman
+    params = cell.init(jax.random.key(0), i, h, dtype=jnp.float32)
     xs = jax.random.normal(jax.random.key(1), (t, b, i), jnp.float32)
     calls: dict[str, dict[str, Any]] = {}
     records = []
     for v in variants:
-        (fwd, grad), uses, seconds = _compile(v, h, params, xs)
+        (fwd, grad), uses, seconds = _compile(v, cell, h, params, xs)
         calls[v] = {"forward": lambda f=fwd: jax.block_until_ready(f(params, xs)),
                     "fwd+bwd": lambda g=grad: jax.block_until_ready(g(params, xs))}
         records.append(dict(size=name, T=t, B=b, I=i, H=h, impl=v, uses_kernel=uses,
                             compile_s=seconds))
     try:
-        runner = bp.torch_runners("elman", jax.tree.map(np.asarray, params), np.asarray(xs))[0]
-        calls["cudnn"] = {"forward": runner.forward, "fwd+bwd": runner.fwd_bwd}
-        records.append(dict(size=name, T=t, B=b, I=i, H=h, impl="cudnn",
+        runner = bp.torch_runners("elman_relu" if relu else "elman",
+                                  jax.tree.map(np.asarray, params), np.asarray(xs))[0]
+        peer = "cudnn" if bp.torch_device() == "cuda" else "torch"
+        calls[peer] = {"forward": runner.forward, "fwd+bwd": runner.fwd_bwd}
+        records.append(dict(size=name, T=t, B=b, I=i, H=h, impl=peer,
                             device=bp.torch_device()))
     except ImportError:
         pass
     ref = calls["xla"]["forward"](), calls["xla"]["fwd+bwd"]()
     for r in records:
-        if r["impl"] not in ("xla", "cudnn"):
+        if r["impl"] not in ("xla", "cudnn", "torch"):
             r["rel_diff_states"] = _rel(calls[r["impl"]]["forward"](), ref[0])
             r["rel_diff_grads"] = _rel(calls[r["impl"]]["fwd+bwd"](), ref[1])
     # jax-rnn bench's sampler: calls in turn, in a changing order, round after round
@@ -129,21 +138,25 @@ def main() -> None:
     parser.add_argument("--out", default="gpu-kernels-out")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS),
-                        choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help="default: all on a GPU; xla and kernel on a CPU (the others "
+                             "are knobs of the GPU kernels)")
+    parser.add_argument("--relu", action="store_true", help="the ReLU Elman cell")
     parser.add_argument("--max-hidden", type=int, default=_kernels.MAX_HIDDEN)
     args = parser.parse_args()
     _kernels.MAX_HIDDEN = args.max_hidden
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    variants = args.variants or (list(VARIANTS) if jax.default_backend() == "gpu"
+                                 else ["xla", "kernel"])
     meta = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
-                max_hidden=args.max_hidden,
+                max_hidden=args.max_hidden, cell="elman_relu" if args.relu else "elman",
                 kernels_mode=_kernels.mode(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(json.dumps(meta), flush=True)
     records: list[dict] = []
     with bp.full_float32(torch_too=True):
         for name in args.sizes:
-            records += run_size(name, args.repeats, list(args.variants))
+            records += run_size(name, args.repeats, variants, args.relu)
             (out / "kernels.json").write_text(json.dumps(dict(meta=meta, records=records),
                                                          indent=1))
     print("| size | impl | fwd ms | fwd+bwd ms | compile s | kernel | rel diff states/grads |")

@@ -1,0 +1,231 @@
+"""The CPU kernels: jax_rnn/_csrc/elman.cc, compiled on first use and called as XLA FFI
+custom calls.
+
+XLA's CPU backend runs the small matrix product of each step of a recurrence on one core
+and pays a fixed cost per operation of a loop body. The C++ kernels run an Elman cell's
+forward loop, or its backward (state-gradient) loop, as one custom call each: every
+step's product in vector registers, its activation in the same pass, and the product
+shared with a second thread of XLA's own thread pool where a step is large enough (see
+the source). :mod:`jax_rnn._kernels` decides where they are used.
+
+The source is compiled once per machine, jaxlib and compiler, against the installed
+jaxlib's own FFI headers (so the two always match), with ``-march=native``, into a cache
+folder: ``$JAX_RNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/jax_rnn``, else
+``~/.cache/jax_rnn``. The compiler is ``$CXX``, else ``c++``, ``g++`` or ``clang++``.
+Where none compiles it (no compiler, no FFI headers in an old jaxlib, a read-only
+cache), jax_rnn warns once and runs XLA's loops instead: same results, slower.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import Array
+
+SOURCE = Path(__file__).with_name("_csrc") / "elman.cc"
+"""The kernels' C++ source, shipped with the package."""
+
+_TARGETS = {"jax_rnn_elman_forward": "JaxRnnElmanForward",
+            "jax_rnn_elman_backward": "JaxRnnElmanBackward"}
+"""FFI target name -> the handler's symbol in the compiled library."""
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept (module docstring)."""
+    if os.environ.get("JAX_RNN_CACHE_DIR"):
+        return Path(os.environ["JAX_RNN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "jax_rnn"
+
+
+def _compiler() -> str | None:
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    return next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's model and feature flags, where the
+    system says them (Linux), else the platform's description."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags",
+                                                                     "Features"))}))
+    except OSError:
+        return platform.processor() + platform.machine()
+
+
+def _compile(compiler: str, include: str, target: Path) -> str | None:
+    """Compiles :data:`SOURCE` to ``target`` (written whole, then renamed into place, so
+    that processes compiling at once never load half a file): ``None``, or why not."""
+    base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-isystem", include,
+            str(SOURCE)]
+    error = ""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        out = Path(tmp) / target.name
+        for flags in (["-march=native"], []):  # a compiler without -march=native: generic
+            try:
+                run = subprocess.run([*base, *flags, "-o", str(out)], capture_output=True,
+                                     text=True, timeout=300, check=False)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                return f"{compiler} failed to run: {e}"
+            if run.returncode == 0:
+                os.replace(out, target)
+                return None
+            lines = run.stderr.strip().splitlines()
+            error = next((ln for ln in lines if "error" in ln.lower()),
+                         lines[-1] if lines else f"exit code {run.returncode}")
+    return f"{compiler} could not compile {SOURCE.name}: {error}"
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str]:
+    """The compiled library (compiling it first if it is not in the cache) and its FFI
+    targets registered with XLA, or ``None`` and why not (any failure on the way is a
+    reason, not an exception: jax_rnn then runs XLA's loops)."""
+    try:
+        return _compile_and_register()
+    except Exception as e:  # any failure: reported as the reason, with its type
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _compile_and_register() -> tuple[ctypes.CDLL | None, str]:
+    ffi = getattr(jax, "ffi", None)
+    if ffi is None or not hasattr(ffi, "include_dir"):
+        return None, f"this JAX ({jax.__version__}) has no jax.ffi with FFI headers"
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C++ compiler found ($CXX, c++, g++ or clang++)"
+    import jaxlib
+
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), str(getattr(jaxlib, "__version__", "")).encode(),
+                 compiler.encode(),
+                 _cpu_signature().encode()):
+        key.update(part)
+    target = cache_dir() / f"elman-{key.hexdigest()[:16]}.so"
+    if not target.exists():
+        try:
+            reason = _compile(compiler, ffi.include_dir(), target)
+        except OSError as e:
+            reason = f"cannot write to {target.parent}: {e}"
+        if reason is not None:
+            return None, reason
+    try:
+        library = ctypes.CDLL(str(target))
+    except OSError as e:
+        return None, f"cannot load {target}: {e}"
+    for name, symbol in _TARGETS.items():
+        ffi.register_ffi_target(name, ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+    return library, ""
+
+
+def available() -> bool:
+    """Whether the CPU kernels are compiled and registered (compiling them on first call,
+    a few seconds once per machine); warns once, with the reason, where they cannot be."""
+    library, reason = _load()
+    if library is None:
+        _warn_once(reason)
+    return library is not None
+
+
+def unavailable_reason() -> str:
+    """Why :func:`available` is false (``""`` where it is true)."""
+    return _load()[1]
+
+
+@functools.cache
+def _warn_once(reason: str) -> None:
+    warnings.warn(f"jax_rnn: the CPU kernels for the Elman cell are not available ({reason}); "
+                  f"XLA's loops run instead (same results, slower). Set "
+                  f"JAX_RNN_KERNELS=off to choose XLA's loops without this warning.",
+                  UserWarning, stacklevel=3)
+
+
+# Each argument and result of a kernel is one of: "steps" (T, B, .), "steps_t" (H, T, B),
+# "rows" (B, H) or "matrix" (weights, the same for every batch row); a jax.vmap around a
+# call folds its axis into the batch (B) of the steps and rows where no matrix is
+# batched, and runs one call per element where one is (custom_vmap below).
+_FORWARD = ("jax_rnn_elman_forward", ("steps", "matrix", "matrix", "matrix", "rows"),
+            ("steps",))
+_BACKWARD = ("jax_rnn_elman_backward", ("steps", "steps", "steps", "matrix", "rows"),
+             ("steps_t", "rows"))
+
+
+def _call(spec: tuple[str, tuple[str, ...], tuple[str, ...]], code: int,
+          reverse: bool) -> Callable[..., tuple[Array, ...]]:
+    """The kernel ``spec`` as a function of arrays for activation ``code`` and direction."""
+    name, kinds, outs = spec
+
+    def shape(kind: str, steps: Array, rows: Array) -> jax.ShapeDtypeStruct:
+        """(T, B, H) steps, (H, T, B) or (B, H) rows, with H from the rows argument."""
+        shapes = {"steps": steps.shape[:2] + rows.shape[-1:], "rows": rows.shape,
+                  "steps_t": rows.shape[-1:] + steps.shape[:2]}
+        return jax.ShapeDtypeStruct(shapes[kind], steps.dtype)
+
+    @jax.custom_batching.custom_vmap
+    def call(*args: Array) -> tuple[Array, ...]:
+        steps, rows = args[0], args[kinds.index("rows")]
+        results = tuple(shape(kind, steps, rows) for kind in outs)
+        return tuple(jax.ffi.ffi_call(name, results)(*args, activation=np.int32(code),
+                                                     reverse=np.int32(reverse)))
+
+    @call.def_vmap
+    def rule(size: int, batched: list[bool], *args: Array) -> tuple[Any, tuple[bool, ...]]:
+        args = tuple(a if b else jnp.broadcast_to(a, (size, *a.shape))
+                     for a, b in zip(args, batched, strict=True))
+        if any(b for b, kind in zip(batched, kinds, strict=True) if kind == "matrix"):
+            return tuple(jax.lax.map(lambda a: call(*a), args)), (True,) * len(outs)
+        folded = call(*(_fold(a, kind) for a, kind in zip(args, kinds, strict=True)))
+        return (tuple(_unfold(r, kind, size) for r, kind in zip(folded, outs, strict=True)),
+                (True,) * len(outs))
+
+    return call
+
+
+def _fold(a: Array, kind: str) -> Array:
+    """The leading (vmapped) axis of ``a`` merged into its batch axis."""
+    if kind == "steps":  # (V, T, B, .) -> (T, V * B, .)
+        return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, a.shape[-1])
+    if kind == "rows":  # (V, B, H) -> (V * B, H)
+        return a.reshape(-1, a.shape[-1])
+    return a[0]  # a matrix, the same for every element (broadcast by the rule)
+
+
+def _unfold(a: Array, kind: str, size: int) -> Array:
+    if kind == "steps":
+        return jnp.moveaxis(a.reshape(a.shape[0], size, -1, a.shape[-1]), 1, 0)
+    if kind == "steps_t":  # (H, T, V * B) -> (V, H, T, B)
+        return jnp.moveaxis(a.reshape(*a.shape[:2], size, -1), 2, 0)
+    return a.reshape(size, -1, a.shape[-1])
+
+
+@functools.cache
+def forward(code: int, reverse: bool) -> Callable[..., tuple[Array, ...]]:
+    """``(xs (T, B, I), w_in (I, H), b (H,), w (H, H), h0 (B, H)) -> (h,)``: the states of
+    an Elman cell's forward loop with activation ``code`` (0: tanh, 1: relu), each step
+    ``h_t = act([x_t, h_{t-1}] @ [w_in; w] + b)``."""
+    return _call(_FORWARD, code, reverse)
+
+
+@functools.cache
+def backward(code: int, reverse: bool) -> Callable[..., tuple[Array, ...]]:
+    """``(h, d_state, d_pre, w_t, d_final) -> (d_g^T, d_h0)``: the backward loop, as in
+    ``_kernels.backward``, with the pre-activations' gradients ``d_g`` transposed to
+    ``(H, T, B)``."""
+    return _call(_BACKWARD, code, reverse)
