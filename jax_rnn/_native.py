@@ -144,6 +144,19 @@ def available() -> bool:
     return library is not None
 
 
+def threads(step_work: int, panels: int, pool_threads: int) -> int:
+    """How many threads the kernels run a loop on, for steps of ``step_work``
+    multiply-adds in ``panels`` panels of 16 columns, with a thread pool of
+    ``pool_threads`` (the C++ source's rule; for the tests)."""
+    library, reason = _load()
+    if library is None:
+        raise RuntimeError(f"jax_rnn: the CPU kernels are not available: {reason}")
+    fn = library.JaxRnnThreads
+    fn.restype = ctypes.c_int64
+    fn.argtypes = [ctypes.c_int64] * 3
+    return int(fn(step_work, panels, pool_threads))
+
+
 def unavailable_reason() -> str:
     """Why :func:`available` is false (``""`` where it is true)."""
     return _load()[1]

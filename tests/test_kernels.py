@@ -315,6 +315,18 @@ def test_cpu_kernel_edge_cases(native, relu, steps, batch, hidden, reverse):
     _check(relu, steps, batch, 2, hidden, 4.0 if relu else 1.0, reverse, seed=11)
 
 
+def test_cpu_kernel_thread_count(native):
+    """A loop is shared by one more thread per 2^15 multiply-adds of a step, at most one
+    per panel and the pool's size (the edge cases above rely on it)."""
+    assert _native.threads(8 * (32 + 64) * 64, 4, 2) == 2  # T=10000, B=8 forward
+    assert _native.threads(8 * 64 * 64, 4, 2) == 2  # ... and backward: exactly 2^15
+    assert _native.threads(4 * (16 + 64) * 64, 4, 2) == 1  # B=4, H=64: alone
+    assert _native.threads(5 * (2 + 100) * 100, 7, 2) == 2  # the 200-step edge case
+    assert _native.threads(2**20, 8, 16) == 8  # capped by the panels
+    assert _native.threads(2**20, 64, 2) == 2  # ... and by the pool
+    assert _native.threads(2**20, 64, 0) == 1  # a pool that reports no threads
+
+
 def test_cpu_kernel_propagates_nan(native):
     """A NaN in the inputs reaches the same states as in XLA's loop (tanh(NaN) and
     relu(NaN) are NaN); the other rows are untouched."""

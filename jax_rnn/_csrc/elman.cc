@@ -160,10 +160,21 @@ void Participate(Work& work, const Panel& panel) {
 
 // Products of at least this many multiply-adds per step are shared with a second thread
 // (and 2 * kShareMin with a third, ...); smaller steps run on the calling thread alone.
-// Measured on 2 cores (forward / backward
-// loop, ms): B=8, I=32, H=64 (49152 and 32768 per step), shared 14.0 / 19.8, alone
-// 19.6 / 27.8; B=4, I=16, H=64 (20480 and 16384), shared 0.65 / 0.95, alone 0.61 / 0.80.
+// Measured on 2 cores, forward / backward loop in ms: B=8, I=32, H=64 (49152 and 32768
+// per step) shared 14.0 / 19.8, alone 19.6 / 27.8; B=4, I=16, H=64 (20480 and 16384)
+// shared 0.65 / 0.95, alone 0.61 / 0.80.
 constexpr int64_t kShareMin = 1 << 15;
+
+}  // namespace
+
+// The threads that share a loop: one more per kShareMin multiply-adds of a step, at most
+// one per panel and XLA's pool size (only 2 threads were measured: this machine's pool).
+// Exported for the tests (jax_rnn._native.threads).
+extern "C" int64_t JaxRnnThreads(int64_t step_work, int64_t panels, int64_t pool_threads) {
+  return std::max<int64_t>(1, std::min({1 + step_work / kShareMin, panels, pool_threads}));
+}
+
+namespace {
 
 template <typename Panel>
 void Run(ffi::ThreadPool& pool, int64_t steps, int64_t panels, int64_t step_work,
@@ -171,9 +182,7 @@ void Run(ffi::ThreadPool& pool, int64_t steps, int64_t panels, int64_t step_work
   auto work = std::make_shared<Work>();
   work->panels = panels;
   work->total = steps * panels;
-  // One thread per kShareMin multiply-adds of a step, at most one per panel and XLA's
-  // pool size (only 2 threads were measured: this machine's pool).
-  const int64_t threads = std::min({step_work / kShareMin, panels, pool.num_threads()});
+  const int64_t threads = JaxRnnThreads(step_work, panels, pool.num_threads());
   for (int64_t i = 1; i < threads; ++i) {
     // A task holds `work` alive; it reads `panel` (on this stack) only for items it
     // claims, and every item is claimed and done before this function returns.
