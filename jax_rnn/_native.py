@@ -6,7 +6,8 @@ and pays a fixed cost per operation of a loop body. The C++ kernels run an Elman
 forward loop, or its backward (state-gradient) loop, as one custom call each: every
 step's product in vector registers, its activation in the same pass, and the product
 shared with other threads of XLA's own thread pool where a step is large enough (see
-the source; measured with 2 threads, this machine's pool). :mod:`jax_rnn._kernels` decides where they are used.
+the source; measured with 2 threads, this machine's pool). :mod:`jax_rnn._kernels`
+decides where they are used.
 
 The source is compiled once per machine, jaxlib and compiler, against the installed
 jaxlib's own FFI headers (so the two always match), with ``-march=native``, into a cache
