@@ -69,6 +69,7 @@ from jax import Array
 from . import _kernels
 from ._elman import ElmanParams
 from ._gru import GRUParams, gru_step
+from ._kernels import project as _project
 from ._lstm import LSTMParams, LSTMState, lstm_step
 from ._masks import bcast as _bcast
 from ._masks import select as _select
@@ -129,17 +130,12 @@ class FusedCell(NamedTuple):
     additive: bool = False
     compact_forward: Callable[..., tuple[Any, Array, Any]] | None = None
     compact_max_hidden: int = 0
-    kernel: tuple[Callable[[Array], Array], Callable[[Array, Array], Array]] | None = None
+    kernel: _kernels.Kernel | None = None
 
 
 def _sum_biases(*biases: Array | None) -> Array | None:
     present = [b for b in biases if b is not None]
     return None if not present else functools.reduce(jnp.add, present)
-
-
-def _project(xs: Array, w_in: Array, b_in: Array | None) -> Array:
-    gx = xs @ w_in
-    return gx if b_in is None else gx + b_in
 
 
 def _ident(carry: Any) -> Any:
@@ -660,11 +656,13 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
         if tape_c.h_in is None:
             tape_c = tape_c._replace(h_in=_previous(tape_c.state, h0, resets_c, reverse, edge,
                                                     cut_c))
-        from_kernel = _kernel(fc, d_pre_c, carry[0], w, (valid_c, keep_c, to_carry0_c))
-        carry, d_out = _fused_loop_back(fc, reverse, unroll, w, valid_c, keep_c, to_carry0_c,
-                                        tape_c, carry, d_pre_c, d_state_c)
+        # The forward loop ran as a kernel too: ``_kernel`` gives the same answer for
+        # ``d_pre`` as for ``xs``.
+        kernel = _kernel(fc, d_pre_c, carry[0], w, (valid_c, keep_c, to_carry0_c))
+        carry, d_out = _fused_loop_back(fc, kernel, reverse, unroll, w, valid_c, keep_c,
+                                        to_carry0_c, tape_c, carry, d_pre_c, d_state_c)
         return carry, _param_grads(fc, params, xs_c, tape_c, tape_c.h_in, d_out,
-                                   gh_first=from_kernel is not None)
+                                   gh_first=kernel is not None)
 
     if chunk is None:
         (d_c, d_carry0), (d_params, d_xs) = back((d_final, d_carry0), steps, h0)
@@ -782,12 +780,13 @@ def _by_chunks(back: Callable[[Any, Any, Array], tuple[Any, Any]], carry: Any, s
     return carry, total, d_xs
 
 
-def _fused_loop_back(fc, reverse, unroll, w, valid, keep, to_carry0, tape, carry, d_pre, d_state):  # noqa: ANN001
+def _fused_loop_back(fc, kernel, reverse, unroll, w, valid, keep, to_carry0, tape, carry,  # noqa: ANN001
+                     d_pre, d_state):  # noqa: ANN001
     """The backward loop over ``tape``'s steps from ``carry = (d_carry, d_carry0)`` (the
-    latter ``None`` without resets): ``(carry, d_out)``."""
+    latter ``None`` without resets): ``(carry, d_out)``; one kernel where ``kernel`` (from
+    ``_kernel``) is not ``None``."""
     d_carry, d_carry0 = carry
-    kernel = _kernel(fc, d_pre, d_carry, w, (valid, keep, to_carry0))
-    if kernel is not None:  # the forward loop ran as a kernel too: ``_kernel`` said so
+    if kernel is not None:
         d_out, d_carry = _kernels.backward(kernel, reverse, tape.state, d_state, d_pre,
                                            w.T, d_carry)
         return (d_carry, d_carry0), d_out

@@ -224,8 +224,8 @@ def _backward_kernel(back: Callable[[Array, Array], Array], reverse: bool, hoist
     d_h0_ref[...] = jax.lax.fori_loop(0, length, body, d_final_ref[...])  # type: ignore[index]
 
 
-def _project(xs: Array, w_in: Array, b: Array | None) -> Array:
-    """The input projection of every step, ``xs @ w_in + b``."""
+def project(xs: Array, w_in: Array, b: Array | None) -> Array:
+    """The input projection of every step, ``xs @ w_in + b`` (also the fused path's)."""
     gx = xs @ w_in
     return gx if b is None else gx + b
 
@@ -238,7 +238,7 @@ def _forward_scan(kernel: Kernel, reverse: bool, xs: Array, w_in: Array, b: Arra
         h = kernel[0](pre)
         return h, (pre, h)
 
-    return jax.lax.scan(body, h0, _project(xs, w_in, b), reverse=reverse)[1]
+    return jax.lax.scan(body, h0, project(xs, w_in, b), reverse=reverse)[1]
 
 
 def _backward_scan(kernel: Kernel, reverse: bool, h: Array, d_state: Array, d_pre: Array,
@@ -303,16 +303,17 @@ def _forward_native(code: int, reverse: bool, xs: Array, w_in: Array, b: Array |
                     w: Array, h0: Array) -> tuple[Array, Array]:
     """The C++ kernel's states, and the pre-activations from them."""
     bias = jnp.zeros(w.shape[-1:], w.dtype) if b is None else b
-    (h,) = _as_batch(_native.forward(code, reverse), "smmmr", "s")(xs, w_in, bias, w, h0)
+    (h,) = _as_batch(_native.forward(code, reverse), *_native.FORWARD_KINDS)(xs, w_in, bias,
+                                                                             w, h0)
     edge = jnp.expand_dims(h0, 0)
     h_in = jnp.concatenate([h[1:], edge] if reverse else [edge, h[:-1]])
     stacked = jnp.concatenate([w_in, w])
-    return _project(jnp.concatenate([xs, h_in], axis=-1), stacked, b), h
+    return project(jnp.concatenate([xs, h_in], axis=-1), stacked, b), h
 
 
 def _forward_rows(activation: Callable[[Array], Array], reverse: bool, xs: Array,
                   w_in: Array, b: Array | None, w: Array, h0: Array) -> tuple[Array, Array]:
-    gx = _project(xs, w_in, b)
+    gx = project(xs, w_in, b)
     length, batch, hidden = gx.shape
     cols = _padded(hidden)
     kernel = functools.partial(_forward_kernel, activation, reverse, cols <= _HOIST_MAX)
@@ -338,7 +339,7 @@ def backward(kernel: Kernel, reverse: bool, h: Array, d_state: Array, d_pre: Arr
 def _backward_native(code: int, reverse: bool, *args: Array) -> tuple[Array, Array]:
     """The C++ kernel, its ``d_g^T`` (``(H, T, B)``) transposed back to ``(T, B, H)``:
     XLA folds the transpose into the weight-gradient products that read it."""
-    d_g_t, d_h0 = _as_batch(_native.backward(code, reverse), "sssmr", "tr")(*args)
+    d_g_t, d_h0 = _as_batch(_native.backward(code, reverse), *_native.BACKWARD_KINDS)(*args)
     return jnp.moveaxis(d_g_t, 0, -1), d_h0
 
 

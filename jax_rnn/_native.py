@@ -171,30 +171,31 @@ def _warn_once(reason: str) -> None:
                   UserWarning, stacklevel=3)
 
 
-# Each argument and result of a kernel is one of: "steps" (T, B, .), "steps_t" (H, T, B),
-# "rows" (B, H) or "matrix" (weights, the same for every batch row); a jax.vmap around a
-# call folds its axis into the batch (B) of the steps and rows where no matrix is
-# batched, and runs one call per element where one is (custom_vmap below).
-_FORWARD = ("jax_rnn_elman_forward", ("steps", "matrix", "matrix", "matrix", "rows"),
-            ("steps",))
-_BACKWARD = ("jax_rnn_elman_backward", ("steps", "steps", "steps", "matrix", "rows"),
-             ("steps_t", "rows"))
+# Each argument and result of a kernel has a kind, as in ``_kernels._as_batch`` (which
+# takes these): "s" steps (T, B, .), "t" steps transposed (H, T, B), "r" rows (B, H),
+# "m" a matrix (weights, the same for every batch row). A jax.vmap around a call folds
+# its axis into the batch (B) of the steps and rows where no matrix is batched, and runs
+# one call per element where one is (custom_vmap below).
+FORWARD_KINDS = ("smmmr", "s")
+BACKWARD_KINDS = ("sssmr", "tr")
+_FORWARD = ("jax_rnn_elman_forward", *FORWARD_KINDS)
+_BACKWARD = ("jax_rnn_elman_backward", *BACKWARD_KINDS)
 
 
-def _call(spec: tuple[str, tuple[str, ...], tuple[str, ...]], code: int,
+def _call(spec: tuple[str, str, str], code: int,
           reverse: bool) -> Callable[..., tuple[Array, ...]]:
     """The kernel ``spec`` as a function of arrays for activation ``code`` and direction."""
     name, kinds, outs = spec
 
     def shape(kind: str, steps: Array, rows: Array) -> jax.ShapeDtypeStruct:
         """(T, B, H) steps, (H, T, B) or (B, H) rows, with H from the rows argument."""
-        shapes = {"steps": steps.shape[:2] + rows.shape[-1:], "rows": rows.shape,
-                  "steps_t": rows.shape[-1:] + steps.shape[:2]}
+        shapes = {"s": steps.shape[:2] + rows.shape[-1:], "r": rows.shape,
+                  "t": rows.shape[-1:] + steps.shape[:2]}
         return jax.ShapeDtypeStruct(shapes[kind], steps.dtype)
 
     @jax.custom_batching.custom_vmap
     def call(*args: Array) -> tuple[Array, ...]:
-        steps, rows = args[0], args[kinds.index("rows")]
+        steps, rows = args[0], args[kinds.index("r")]
         results = tuple(shape(kind, steps, rows) for kind in outs)
         return tuple(jax.ffi.ffi_call(name, results)(*args, activation=np.int32(code),
                                                      reverse=np.int32(reverse)))
@@ -203,7 +204,7 @@ def _call(spec: tuple[str, tuple[str, ...], tuple[str, ...]], code: int,
     def rule(size: int, batched: list[bool], *args: Array) -> tuple[Any, tuple[bool, ...]]:
         args = tuple(a if b else jnp.broadcast_to(a, (size, *a.shape))
                      for a, b in zip(args, batched, strict=True))
-        if any(b for b, kind in zip(batched, kinds, strict=True) if kind == "matrix"):
+        if any(b for b, kind in zip(batched, kinds, strict=True) if kind == "m"):
             return tuple(jax.lax.map(lambda a: call(*a), args)), (True,) * len(outs)
         folded = call(*(_fold(a, kind) for a, kind in zip(args, kinds, strict=True)))
         return (tuple(_unfold(r, kind, size) for r, kind in zip(folded, outs, strict=True)),
@@ -214,17 +215,17 @@ def _call(spec: tuple[str, tuple[str, ...], tuple[str, ...]], code: int,
 
 def _fold(a: Array, kind: str) -> Array:
     """The leading (vmapped) axis of ``a`` merged into its batch axis."""
-    if kind == "steps":  # (V, T, B, .) -> (T, V * B, .)
+    if kind == "s":  # (V, T, B, .) -> (T, V * B, .)
         return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, a.shape[-1])
-    if kind == "rows":  # (V, B, H) -> (V * B, H)
+    if kind == "r":  # (V, B, H) -> (V * B, H)
         return a.reshape(-1, a.shape[-1])
     return a[0]  # a matrix, the same for every element (broadcast by the rule)
 
 
 def _unfold(a: Array, kind: str, size: int) -> Array:
-    if kind == "steps":
+    if kind == "s":
         return jnp.moveaxis(a.reshape(a.shape[0], size, -1, a.shape[-1]), 1, 0)
-    if kind == "steps_t":  # (H, T, V * B) -> (V, H, T, B)
+    if kind == "t":  # (H, T, V * B) -> (V, H, T, B)
         return jnp.moveaxis(a.reshape(*a.shape[:2], size, -1), 2, 0)
     return a.reshape(size, -1, a.shape[-1])
 
