@@ -1,13 +1,15 @@
-"""The Elman cell's one-kernel loops (jax_rnn._kernels) against XLA's loop and PyTorch.
+"""The one-kernel loops (jax_rnn._kernels) against XLA's loop and PyTorch.
 
-    python benchmarks/kernels.py --out DIR [--repeats 7] [--sizes t1000_b32 ...] [--relu]
+    python benchmarks/kernels.py --out DIR [--repeats 7] [--sizes t1000_b32 ...]
+        [--cell elman|elman_relu|lstm]
 
-On an NVIDIA GPU (the Pallas kernels) or a CPU (the C++ kernels), for each size, in one
-process: ``jax_rnn.unroll(elman, ...)`` (``--relu``: ``elman_relu``) forward and
+On an NVIDIA GPU (the Pallas kernels, Elman only) or a CPU (the C++ kernels), for each
+size, in one process: ``jax_rnn.unroll(cell, ...)`` (default ``elman``) forward and
 forward+backward (loss = sum of the states, gradient with respect to every parameter)
 with the kernels (``"kernel"``: the default; on a GPU also ``"kernel_*"``: the same with
 8 warps instead of 4, or with ``w`` kept in registers or not), with them off (``"xla"``:
-the fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's ``nn.RNN`` on
+the fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's ``nn.RNN``
+(``nn.LSTM``) on
 the same weights (``"cudnn"`` on a GPU, ``"torch"`` on a CPU). ``--max-hidden`` lets the
 GPU kernels run at hidden sizes over ``jax_rnn._kernels.MAX_HIDDEN``, to measure them
 there. float32 with full-precision products everywhere (JAX "highest", PyTorch's TF32
@@ -79,7 +81,7 @@ def _compile(variant: str, cell: Any, hidden: int, params: Any,
         grad = jax.jit(jax.grad(loss)).lower(params, xs).compile()
         jax.block_until_ready((fwd(params, xs), grad(params, xs)))
         jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, xs))
-        uses = "pallas_call" in jaxpr or "jax_rnn_elman" in jaxpr
+        uses = "pallas_call" in jaxpr or "target_name=jax_rnn_" in jaxpr
         return (fwd, grad), uses, time.perf_counter() - start
     finally:
         for knob, value in saved.items():
@@ -94,9 +96,9 @@ def _rel(a: Any, b: Any) -> float:
     return diff / scale if scale else diff
 
 
-def run_size(name: str, repeats: int, variants: list[str], relu: bool) -> list[dict]:
+def run_size(name: str, repeats: int, variants: list[str], cell_name: str) -> list[dict]:
     t, b, i, h = SIZES[name]
-    cell = jax_rnn.elman_relu if relu else jax_rnn.elman
+    cell = getattr(jax_rnn, cell_name)
     params = cell.init(jax.random.key(0), i, h, dtype=jnp.float32)
     xs = jax.random.normal(jax.random.key(1), (t, b, i), jnp.float32)
     calls: dict[str, dict[str, Any]] = {}
@@ -108,7 +110,7 @@ def run_size(name: str, repeats: int, variants: list[str], relu: bool) -> list[d
         records.append(dict(size=name, T=t, B=b, I=i, H=h, impl=v, uses_kernel=uses,
                             compile_s=seconds))
     try:
-        runner = bp.torch_runners("elman_relu" if relu else "elman",
+        runner = bp.torch_runners(cell_name,
                                   jax.tree.map(np.asarray, params), np.asarray(xs))[0]
         peer = "cudnn" if bp.torch_device() == "cuda" else "torch"
         calls[peer] = {"forward": runner.forward, "fwd+bwd": runner.fwd_bwd}
@@ -141,7 +143,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="default: all on a GPU; xla and kernel on a CPU (the others "
                              "are knobs of the GPU kernels)")
-    parser.add_argument("--relu", action="store_true", help="the ReLU Elman cell")
+    parser.add_argument("--cell", default="elman", choices=["elman", "elman_relu", "lstm"])
     parser.add_argument("--max-hidden", type=int, default=_kernels.MAX_HIDDEN)
     args = parser.parse_args()
     _kernels.MAX_HIDDEN = args.max_hidden
@@ -150,13 +152,13 @@ def main() -> None:
     variants = args.variants or (list(VARIANTS) if jax.default_backend() == "gpu"
                                  else ["xla", "kernel"])
     meta = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
-                max_hidden=args.max_hidden, cell="elman_relu" if args.relu else "elman",
+                max_hidden=args.max_hidden, cell=args.cell,
                 kernels_mode=_kernels.mode(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
     print(json.dumps(meta), flush=True)
     records: list[dict] = []
     with bp.full_float32(torch_too=True):
         for name in args.sizes:
-            records += run_size(name, args.repeats, variants, args.relu)
+            records += run_size(name, args.repeats, variants, args.cell)
             (out / "kernels.json").write_text(json.dumps(dict(meta=meta, records=records),
                                                          indent=1))
     print("| size | impl | fwd ms | fwd+bwd ms | compile s | kernel | rel diff states/grads |")

@@ -93,6 +93,25 @@ class Tape(NamedTuple):
     gates: Any
 
 
+class Loops(NamedTuple):
+    """A cell's forward and backward loops as one kernel each (:mod:`jax_rnn._kernels`).
+
+    Attributes:
+        forward: ``(residuals, reverse, w_in, b_in, w, xs, carry0) -> (final, tape)``,
+            the forward loop; ``residuals``: the tape holds what ``backward`` reads.
+        backward: ``(reverse, w, tape, d_carry, d_pre, d_state) -> (d_carry0, d_out)``,
+            the backward loop over the tape's steps, ``d_out`` for ``gate_grads``.
+        gpu: whether the loops have GPU kernels too (else they run on CPUs only).
+        gh_first: the weight gradients from ``d_out`` are computed transposed (see
+            ``_param_grads``).
+    """
+
+    forward: Callable[..., tuple[Any, Tape]]
+    backward: Callable[..., tuple[Any, Array]]
+    gpu: bool
+    gh_first: bool
+
+
 class FusedCell(NamedTuple):
     """How one built-in cell splits into projection, recurrence and pointwise parts, and
     its hand-written backward pass.
@@ -115,9 +134,8 @@ class FusedCell(NamedTuple):
             pre, tape)``, the differentiated forward pass for one sequence of a small
             hidden size on a CPU (see ``_compact``), or ``None``.
         compact_max_hidden: the widest hidden size ``compact_forward`` is used for.
-        kernel: ``(activation, back)`` (its derivative from its output) where an Elman
-            cell's loops can run as one kernel each (:mod:`jax_rnn._kernels`), or
-            ``None``.
+        kernel: the cell's loops as one kernel each (:class:`Loops`,
+            :mod:`jax_rnn._kernels`), or ``None``.
     """
 
     input_bias: Callable[[Any], Array | None]
@@ -130,7 +148,7 @@ class FusedCell(NamedTuple):
     additive: bool = False
     compact_forward: Callable[..., tuple[Any, Array, Any]] | None = None
     compact_max_hidden: int = 0
-    kernel: _kernels.Kernel | None = None
+    kernel: Loops | None = None
 
 
 def _sum_biases(*biases: Array | None) -> Array | None:
@@ -206,8 +224,25 @@ def _elman_fused(activation: Callable[[Array], Array]) -> FusedCell:
         step_back=_elman_step_back(back),
         gate_grads=_same,
         additive=True,
-        kernel=(activation, back) if activation in _kernels.ACTIVATIONS else None,
+        kernel=_elman_loops((activation, back)) if activation in _kernels.ACTIVATIONS
+        else None,
     )
+
+
+def _elman_loops(pair: _kernels.Kernel) -> Loops:
+    """An Elman cell's loops (``pair``: its activation and derivative) as kernels."""
+    def forward(residuals: bool, reverse: bool, w_in: Array, b_in: Array | None, w: Array,
+                xs: Array, carry0: Array) -> tuple[Array, Tape]:
+        pre, state = _kernels.forward(pair, reverse, xs, w_in, b_in, w, carry0)
+        return state[0 if reverse else -1], Tape(None, pre, state, ())
+
+    def backward(reverse: bool, w: Array, tape: Tape, d_carry: Array, d_pre: Array,
+                 d_state: Array) -> tuple[Array, Array]:
+        d_out, d_carry = _kernels.backward(pair, reverse, tape.state, d_state, d_pre, w.T,
+                                           d_carry)
+        return d_carry, d_out
+
+    return Loops(forward, backward, gpu=True, gh_first=True)
 
 
 # GRU: r = s(x_r + h_r), z = s(x_z + h_z), pre = x_n + r * h_n, n = tanh(pre),
@@ -386,6 +421,27 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
     return d_a, d_carry0, _previous(tape.state, carry0.h, None, reverse)
 
 
+def _lstm_loops_forward(residuals: bool, reverse: bool, w_in: Array, b_in: Array | None,
+                        w: Array, xs: Array, carry0: LSTMState) -> tuple[LSTMState, Tape]:
+    """The LSTM's forward loop as one kernel: ``(final, tape)``, the tape's gates the
+    kernel's ``(gates, c_in)``."""
+    h, gates, c_in, c = _kernels.lstm_forward(residuals, reverse, xs, w_in, b_in, w,
+                                              carry0.h, carry0.c)
+    final = LSTMState(h[0 if reverse else -1], c)
+    if not residuals:
+        return final, Tape(None, gates, h, None)
+    hidden = h.shape[-1]
+    return final, Tape(None, gates[..., 2 * hidden:3 * hidden], h, (gates, c_in))
+
+
+def _lstm_loops_backward(reverse: bool, w: Array, tape: Tape, d_carry: LSTMState,
+                         d_pre: Array, d_state: Array) -> tuple[LSTMState, Array]:
+    gates, c_in = tape.gates
+    d_a, d_h0, d_c0 = _kernels.lstm_backward(reverse, gates, c_in, d_state, d_pre, w.T,
+                                             d_carry.h, d_carry.c)
+    return LSTMState(d_h0, d_c0), d_a
+
+
 _LSTM = FusedCell(
     input_bias=lambda p: _sum_biases(p.b_cell_input, p.b_cell_state),
     recurrent_bias=lambda p: None,
@@ -397,6 +453,7 @@ _LSTM = FusedCell(
     additive=True,
     compact_forward=_lstm_compact_forward,
     compact_max_hidden=64,
+    kernel=Loops(_lstm_loops_forward, _lstm_loops_backward, gpu=False, gh_first=False),
 )
 
 
@@ -561,7 +618,7 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
     """
     kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in))
     if kernel is not None:
-        final, tape = _kernel_forward(kernel, reverse, w_in, b_in, w, xs, carry0)
+        final, tape = kernel.forward(False, reverse, w_in, b_in, w, xs, carry0)
         return final, tape.pre, tape.state
     final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
                            residuals=False, projection=(w_in, b_in))
@@ -569,29 +626,28 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
 
 
 def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, ...],
-            others: tuple[Array | None, ...] = ()) -> _kernels.Kernel | None:
+            others: tuple[Array | None, ...] = ()) -> Loops | None:
     """``fc.kernel`` (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one kernel
-    each: an Elman cell with tanh or relu, float32, one batch axis or none, a shape that
-    ``_kernels.fits`` (on GPUs at most ``_kernels.MAX_HIDDEN`` hidden units), at least
-    one step and no masked, reset or cut steps; else ``None``. ``others`` (the input
-    weights and bias) must be float32 too. (The backward pass asks again with ``d_pre``
-    for ``xs``: the same answer as the forward pass's.)"""
+    each: an Elman cell with tanh or relu (CPUs and NVIDIA GPUs) or an LSTM (CPUs),
+    float32, one batch axis or none, a shape that ``_kernels.fits`` (on GPUs at most
+    ``_kernels.MAX_HIDDEN`` hidden units), at least one step and no masked, reset or cut
+    steps; else ``None``. ``others`` (the input weights and bias) must be float32 too.
+    (The backward pass asks again with ``d_pre`` for ``xs``: the same answer as the
+    forward pass's.)"""
     if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim not in (2, 3)
-            or xs.shape[0] == 0 or _kernels.mode() == "off"):
+            or xs.shape[0] == 0):
         return None
-    h = fc.hidden(carry0)
+    where = _kernels.mode()
+    if where == "off" or (not fc.kernel.gpu and where != "cpu"):
+        return None
+    carry = jax.tree.leaves(carry0)
     batch = xs.shape[1:-1]  # () or (B,)
-    arrays = (xs, h, w, *(a for a in others if a is not None))
-    ok = (h.shape == batch + h.shape[-1:] and all(a.dtype == jnp.float32 for a in arrays)
-          and _kernels.fits(xs.shape[0], math.prod(batch), h.shape[-1]))
+    hidden = fc.hidden(carry0).shape[-1]
+    arrays = (xs, *carry, w, *(a for a in others if a is not None))
+    ok = (all(c.shape == batch + (hidden,) for c in carry)
+          and all(a.dtype == jnp.float32 for a in arrays)
+          and _kernels.fits(xs.shape[0], math.prod(batch), hidden))
     return fc.kernel if ok else None
-
-
-def _kernel_forward(kernel: _kernels.Kernel, reverse: bool, w_in: Array, b_in: Array | None,
-                    w: Array, xs: Array, carry0: Array) -> tuple[Array, Tape]:
-    """An Elman cell's forward loop as one kernel: ``(final, tape)``."""
-    pre, state = _kernels.forward(kernel, reverse, xs, w_in, b_in, w, carry0)
-    return state[0 if reverse else -1], Tape(None, pre, state, ())
 
 
 def _project_per_step() -> bool:
@@ -605,14 +661,15 @@ def _project_per_step() -> bool:
 
 
 def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
-    compact_forward = _compact(fc, xs, carry0, (valid, resets, cut)) if compact else None
+    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in))
+    compact_forward = (_compact(fc, xs, carry0, (valid, resets, cut))
+                       if compact and kernel is None else None)
     if compact_forward is not None:
         final, pre, tape = compact_forward(reverse, unroll, w_in, b_in, w, b, xs, carry0)
         res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0))
         return (final, pre, tape.state), res
-    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in))
     if kernel is not None:
-        final, tape = _kernel_forward(kernel, reverse, w_in, b_in, w, xs, carry0)
+        final, tape = kernel.forward(True, reverse, w_in, b_in, w, xs, carry0)
     elif _project_per_step():
         final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
                                projection=(w_in, b_in), cut=cut)
@@ -662,7 +719,7 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
         carry, d_out = _fused_loop_back(fc, kernel, reverse, unroll, w, valid_c, keep_c,
                                         to_carry0_c, tape_c, carry, d_pre_c, d_state_c)
         return carry, _param_grads(fc, params, xs_c, tape_c, tape_c.h_in, d_out,
-                                   gh_first=kernel is not None)
+                                   gh_first=kernel is not None and kernel.gh_first)
 
     if chunk is None:
         (d_c, d_carry0), (d_params, d_xs) = back((d_final, d_carry0), steps, h0)
@@ -787,8 +844,7 @@ def _fused_loop_back(fc, kernel, reverse, unroll, w, valid, keep, to_carry0, tap
     ``_kernel``) is not ``None``."""
     d_carry, d_carry0 = carry
     if kernel is not None:
-        d_out, d_carry = _kernels.backward(kernel, reverse, tape.state, d_state, d_pre,
-                                           w.T, d_carry)
+        d_carry, d_out = kernel.backward(reverse, w, tape, d_carry, d_pre, d_state)
         return (d_carry, d_carry0), d_out
     inputs = fc.prepare(tape, d_pre, d_state)
     w_t = w.T  # transposed once: XLA CPU multiplies by a transposed operand more slowly

@@ -356,17 +356,104 @@ def _backward_rows(back: Callable[[Array, Array], Array], reverse: bool, h: Arra
     return d_g[:, :batch, :hidden], d_h0[:batch, :hidden]
 
 
-def _scan_tangents(kernel: Any, scan: Callable[..., Any]) -> None:
-    """Gives ``kernel`` (a ``custom_jvp``) the tangents of ``scan``, the same recurrence
-    written with ``lax.scan``: the primal comes from the kernel, the tangent (and hence
-    the transposes of higher-order reverse mode) from JAX's own rules."""
-    def jvp(pair: Kernel, reverse: bool, primals: tuple[Array, ...],
-            tangents: tuple[Array, ...]) -> tuple[Any, Any]:
-        out = kernel(pair, reverse, *primals)
-        return out, jax.jvp(functools.partial(scan, pair, reverse), primals, tangents)[1]
+# The LSTM's loops: C++ kernels on CPUs only (there is no GPU kernel for them).
+
+
+def _lstm_forward_scan(tape: bool, reverse: bool, xs: Array, w_in: Array, b: Array | None,
+                       w: Array, h0: Array, c0: Array) -> tuple[Array, Array, Array, Array]:
+    """``lstm_forward`` written with ``lax.scan``: its tangents, and the reference."""
+    def body(carry: tuple[Array, Array], gx_t: Array) -> tuple[Any, Any]:
+        h, c = carry
+        a = gx_t + h @ w
+        i, f, g, o = jnp.split(a, 4, axis=-1)
+        i, f, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jax.nn.sigmoid(o)
+        c_new = f * c + i * jnp.tanh(g)
+        h_new = o * jnp.tanh(c_new)
+        if tape:
+            return (h_new, c_new), (h_new, jnp.concatenate([i, f, g, o], axis=-1), c)
+        return (h_new, c_new), (h_new, g)
+
+    (_, c_final), ys = jax.lax.scan(body, (h0, c0), project(xs, w_in, b), reverse=reverse)
+    c_in = ys[2] if tape else jnp.zeros((0, *c0.shape), c0.dtype)
+    return ys[0], ys[1], c_in, c_final
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def lstm_forward(tape: bool, reverse: bool, xs: Array, w_in: Array, b: Array | None,
+                 w: Array, h0: Array, c0: Array) -> tuple[Array, Array, Array, Array]:
+    """``(h, gates, c_in, c_final)`` of an LSTM (gates ``a = [i, f, g, o] = x_t @ w_in + b +
+    h_{t-1} @ w``, ``c_t = s(f) c_{t-1} + s(i) tanh(g)``, ``h_t = s(o) tanh(c_t)``) over the
+    inputs ``xs`` (``(T, B, I)`` or ``(T, I)``) from ``(h0, c0)``, the loop in one C++
+    kernel on CPUs (:func:`jax_rnn._native.lstm_forward`; elsewhere ``lax.scan``). With the
+    ``tape`` (for :func:`lstm_backward`), ``gates`` is each step's ``[s(i), s(f), g, s(o)]``
+    and ``c_in`` its input cell state; without, ``gates`` is ``g`` (the public
+    pre-activation) and ``c_in`` has no steps."""
+    return _dispatch(functools.partial(_lstm_forward_scan, tape, reverse),
+                     functools.partial(_lstm_forward_native, tape, reverse),
+                     functools.partial(_lstm_forward_scan, tape, reverse),
+                     xs, w_in, b, w, h0, c0)
+
+
+def _lstm_forward_native(tape: bool, reverse: bool, xs: Array, w_in: Array, b: Array | None,
+                         w: Array, h0: Array, c0: Array) -> tuple[Array, ...]:
+    bias = jnp.zeros(w.shape[-1:], w.dtype) if b is None else b
+    return _as_batch(_native.lstm_forward(tape, reverse), *_native.LSTM_FORWARD_KINDS)(
+        xs, w_in, bias, w, h0, c0)
+
+
+def _lstm_backward_scan(reverse: bool, gates: Array, c_in: Array, d_state: Array,
+                        d_pre: Array, w_t: Array, d_h: Array,
+                        d_c: Array) -> tuple[Array, Array, Array]:
+    """``lstm_backward`` written with ``lax.scan``: its tangents, and the reference."""
+    def body(carry: tuple[Array, Array], xs: tuple[Array, ...]) -> tuple[Any, Array]:
+        d_h_next, d_c_next = carry
+        gates_t, c_prev, d_state_t, d_pre_t = xs
+        i, f, g, o = jnp.split(gates_t, 4, axis=-1)
+        tg = jnp.tanh(g)
+        tc = jnp.tanh(f * c_prev + i * tg)
+        d_h = d_h_next + d_state_t
+        d_c = d_c_next + d_h * o * (1.0 - tc * tc)
+        d_a = jnp.concatenate([d_c * tg * i * (1.0 - i), d_c * c_prev * f * (1.0 - f),
+                               d_c * i * (1.0 - tg * tg) + d_pre_t,
+                               d_h * tc * o * (1.0 - o)], axis=-1)
+        return (d_a @ w_t, d_c * f), d_a
+
+    (d_h0, d_c0), d_a = jax.lax.scan(body, (d_h, d_c), (gates, c_in, d_state, d_pre),
+                                     reverse=not reverse)
+    return d_a, d_h0, d_c0
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def lstm_backward(reverse: bool, gates: Array, c_in: Array, d_state: Array, d_pre: Array,
+                  w_t: Array, d_h: Array, d_c: Array) -> tuple[Array, Array, Array]:
+    """``(d_a, d_h0, d_c0)``: the backward loop of :func:`lstm_forward`'s recurrence from
+    its tape (``gates``, ``c_in``), the cotangents of the public states and
+    pre-activations, ``w.T`` and the cotangents of the final carry: the gates'
+    pre-activation gradients and the initial carry's, in one C++ kernel on CPUs."""
+    return _dispatch(functools.partial(_lstm_backward_scan, reverse),
+                     functools.partial(_lstm_backward_native, reverse),
+                     functools.partial(_lstm_backward_scan, reverse),
+                     gates, c_in, d_state, d_pre, w_t, d_h, d_c)
+
+
+def _lstm_backward_native(reverse: bool, *args: Array) -> tuple[Array, ...]:
+    return _as_batch(_native.lstm_backward(reverse), *_native.LSTM_BACKWARD_KINDS)(*args)
+
+
+def _scan_tangents(kernel: Any, scan: Callable[..., Any], static: int = 2) -> None:
+    """Gives ``kernel`` (a ``custom_jvp`` whose first ``static`` arguments are not
+    differentiated) the tangents of ``scan``, the same recurrence written with
+    ``lax.scan``: the primal comes from the kernel, the tangent (and hence the transposes
+    of higher-order reverse mode) from JAX's own rules."""
+    def jvp(*args: Any) -> tuple[Any, Any]:
+        statics, primals, tangents = args[:static], args[static], args[static + 1]
+        out = kernel(*statics, *primals)
+        return out, jax.jvp(functools.partial(scan, *statics), primals, tangents)[1]
 
     kernel.defjvp(jvp)
 
 
 _scan_tangents(forward, _forward_scan)
 _scan_tangents(backward, _backward_scan)
+_scan_tangents(lstm_forward, _lstm_forward_scan)
+_scan_tangents(lstm_backward, _lstm_backward_scan, static=1)

@@ -1,15 +1,15 @@
-"""The CPU kernels: jax_rnn/_csrc/elman.cc, compiled on first use and called as XLA FFI
+"""The CPU kernels: jax_rnn/_csrc/*.cc, compiled on first use and called as XLA FFI
 custom calls.
 
 XLA's CPU backend runs the small matrix product of each step of a recurrence on one core
-and pays a fixed cost per operation of a loop body. The C++ kernels run an Elman cell's
-forward loop, or its backward (state-gradient) loop, as one custom call each: every
-step's product in vector registers, its activation in the same pass, and the product
-shared with other threads of XLA's own thread pool where a step is large enough (see
-the source; measured with 2 threads, this machine's pool). :mod:`jax_rnn._kernels`
-decides where they are used.
+and pays a fixed cost per operation of a loop body. The C++ kernels run an Elman or LSTM
+cell's forward loop, or its backward (state-gradient) loop, as one custom call each:
+every step's product in vector registers, the cell's activations in the same pass, and
+the product shared with other threads of XLA's own thread pool where a step is large
+enough (see the sources; measured with 2 threads, this machine's pool).
+:mod:`jax_rnn._kernels` decides where they are used.
 
-The source is compiled once per machine, jaxlib and compiler, against the installed
+The sources are compiled once per machine, jaxlib and compiler, against the installed
 jaxlib's own FFI headers (so the two always match), with ``-march=native``, into a cache
 folder: ``$JAX_RNN_CACHE_DIR``, else ``$XDG_CACHE_HOME/jax_rnn``, else
 ``~/.cache/jax_rnn``. The compiler is ``$CXX``, else ``c++``, ``g++`` or ``clang++``.
@@ -37,11 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-SOURCE = Path(__file__).with_name("_csrc") / "elman.cc"
-"""The kernels' C++ source, shipped with the package."""
+SOURCES = tuple(sorted(Path(__file__).with_name("_csrc").glob("*.cc")))
+"""The kernels' C++ sources, shipped with the package (with their header, common.h)."""
+
+_HEADER = Path(__file__).with_name("_csrc") / "common.h"
 
 _TARGETS = {"jax_rnn_elman_forward": "JaxRnnElmanForward",
-            "jax_rnn_elman_backward": "JaxRnnElmanBackward"}
+            "jax_rnn_elman_backward": "JaxRnnElmanBackward",
+            "jax_rnn_lstm_forward": "JaxRnnLstmForward",
+            "jax_rnn_lstm_backward": "JaxRnnLstmBackward"}
 """FFI target name -> the handler's symbol in the compiled library."""
 
 
@@ -71,10 +75,10 @@ def _cpu_signature() -> str:
 
 
 def _compile(compiler: str, include: str, target: Path) -> str | None:
-    """Compiles :data:`SOURCE` to ``target`` (written whole, then renamed into place, so
+    """Compiles :data:`SOURCES` to ``target`` (written whole, then renamed into place, so
     that processes compiling at once never load half a file): ``None``, or why not."""
     base = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", "-isystem", include,
-            str(SOURCE)]
+            *(str(p) for p in SOURCES)]
     error = ""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -91,7 +95,7 @@ def _compile(compiler: str, include: str, target: Path) -> str | None:
             lines = run.stderr.strip().splitlines()
             error = next((ln for ln in lines if "error" in ln.lower()),
                          lines[-1] if lines else f"exit code {run.returncode}")
-    return f"{compiler} could not compile {SOURCE.name}: {error}"
+    return f"{compiler} could not compile {', '.join(p.name for p in SOURCES)}: {error}"
 
 
 @functools.cache
@@ -115,11 +119,11 @@ def _compile_and_register() -> tuple[ctypes.CDLL | None, str]:
     import jaxlib
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), str(getattr(jaxlib, "__version__", "")).encode(),
-                 compiler.encode(),
-                 _cpu_signature().encode()):
+    sources = (p.read_bytes() for p in (*SOURCES, _HEADER))
+    for part in (*sources, str(getattr(jaxlib, "__version__", "")).encode(),
+                 compiler.encode(), _cpu_signature().encode()):
         key.update(part)
-    target = cache_dir() / f"elman-{key.hexdigest()[:16]}.so"
+    target = cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         try:
             reason = _compile(compiler, ffi.include_dir(), target)
@@ -165,40 +169,36 @@ def unavailable_reason() -> str:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    warnings.warn(f"jax_rnn: the CPU kernels for the Elman cell are not available ({reason}); "
-                  f"XLA's loops run instead (same results, slower). Set "
+    warnings.warn(f"jax_rnn: the CPU kernels for the Elman and LSTM cells are not available "
+                  f"({reason}); XLA's loops run instead (same results, slower). Set "
                   f"JAX_RNN_KERNELS=off to choose XLA's loops without this warning.",
                   UserWarning, stacklevel=3)
 
 
 # Each argument and result of a kernel has a kind, as in ``_kernels._as_batch`` (which
-# takes these): "s" steps (T, B, .), "t" steps transposed (H, T, B), "r" rows (B, H),
-# "m" a matrix (weights, the same for every batch row). A jax.vmap around a call folds
-# its axis into the batch (B) of the steps and rows where no matrix is batched, and runs
-# one call per element where one is (custom_vmap below).
+# takes these): "s" steps (T, B, .), "t" steps transposed (., T, B), "r" rows (B, .),
+# "m" a matrix or vector (weights, the same for every batch row). A jax.vmap around a
+# call folds its axis into the batch (B) of the steps and rows where no matrix is
+# batched, and runs one call per element where one is (custom_vmap below).
 FORWARD_KINDS = ("smmmr", "s")
 BACKWARD_KINDS = ("sssmr", "tr")
-_FORWARD = ("jax_rnn_elman_forward", *FORWARD_KINDS)
-_BACKWARD = ("jax_rnn_elman_backward", *BACKWARD_KINDS)
+LSTM_FORWARD_KINDS = ("smmmrr", "sssr")
+LSTM_BACKWARD_KINDS = ("ssssmrr", "srr")
+
+Shapes = Callable[..., tuple[tuple[int, ...], ...]]
+"""The shapes of a kernel's results from its arguments."""
 
 
-def _call(spec: tuple[str, str, str], code: int,
-          reverse: bool) -> Callable[..., tuple[Array, ...]]:
-    """The kernel ``spec`` as a function of arrays for activation ``code`` and direction."""
-    name, kinds, outs = spec
-
-    def shape(kind: str, steps: Array, rows: Array) -> jax.ShapeDtypeStruct:
-        """(T, B, H) steps, (H, T, B) or (B, H) rows, with H from the rows argument."""
-        shapes = {"s": steps.shape[:2] + rows.shape[-1:], "r": rows.shape,
-                  "t": rows.shape[-1:] + steps.shape[:2]}
-        return jax.ShapeDtypeStruct(shapes[kind], steps.dtype)
+def _call(name: str, kinds: str, outs: str, shapes: Shapes,
+          **attrs: int) -> Callable[..., tuple[Array, ...]]:
+    """The FFI target ``name`` as a function of arrays (float32, all of them), with its
+    integer attributes ``attrs``."""
 
     @jax.custom_batching.custom_vmap
     def call(*args: Array) -> tuple[Array, ...]:
-        steps, rows = args[0], args[kinds.index("r")]
-        results = tuple(shape(kind, steps, rows) for kind in outs)
-        return tuple(jax.ffi.ffi_call(name, results)(*args, activation=np.int32(code),
-                                                     reverse=np.int32(reverse)))
+        results = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes(*args))
+        return tuple(jax.ffi.ffi_call(name, results)(
+            *args, **{k: np.int32(v) for k, v in attrs.items()}))
 
     @call.def_vmap
     def rule(size: int, batched: list[bool], *args: Array) -> tuple[Any, tuple[bool, ...]]:
@@ -216,18 +216,22 @@ def _call(spec: tuple[str, str, str], code: int,
 def _fold(a: Array, kind: str) -> Array:
     """The leading (vmapped) axis of ``a`` merged into its batch axis."""
     if kind == "s":  # (V, T, B, .) -> (T, V * B, .)
-        return jnp.moveaxis(a, 0, 1).reshape(a.shape[1], -1, a.shape[-1])
-    if kind == "r":  # (V, B, H) -> (V * B, H)
-        return a.reshape(-1, a.shape[-1])
+        v, t, b, x = a.shape
+        return jnp.moveaxis(a, 0, 1).reshape(t, v * b, x)
+    if kind == "r":  # (V, B, .) -> (V * B, .)
+        return a.reshape(a.shape[0] * a.shape[1], a.shape[2])
     return a[0]  # a matrix, the same for every element (broadcast by the rule)
 
 
 def _unfold(a: Array, kind: str, size: int) -> Array:
-    if kind == "s":
-        return jnp.moveaxis(a.reshape(a.shape[0], size, -1, a.shape[-1]), 1, 0)
-    if kind == "t":  # (H, T, V * B) -> (V, H, T, B)
-        return jnp.moveaxis(a.reshape(*a.shape[:2], size, -1), 2, 0)
-    return a.reshape(size, -1, a.shape[-1])
+    """The batch axis of a folded call's result split back into (vmapped axis, batch)."""
+    if kind == "s":  # (T, V * B, .) -> (V, T, B, .)
+        t, vb, x = a.shape
+        return jnp.moveaxis(a.reshape(t, size, vb // size, x), 1, 0)
+    if kind == "t":  # (., T, V * B) -> (V, ., T, B)
+        x, t, vb = a.shape
+        return jnp.moveaxis(a.reshape(x, t, size, vb // size), 2, 0)
+    return a.reshape(size, a.shape[0] // size, a.shape[1])
 
 
 @functools.cache
@@ -235,7 +239,11 @@ def forward(code: int, reverse: bool) -> Callable[..., tuple[Array, ...]]:
     """``(xs (T, B, I), w_in (I, H), b (H,), w (H, H), h0 (B, H)) -> (h,)``: the states of
     an Elman cell's forward loop with activation ``code`` (0: tanh, 1: relu), each step
     ``h_t = act([x_t, h_{t-1}] @ [w_in; w] + b)``."""
-    return _call(_FORWARD, code, reverse)
+    def shapes(xs: Array, *weights: Array) -> tuple[tuple[int, ...], ...]:
+        return (xs.shape[:2] + weights[-1].shape[-1:],)
+
+    return _call("jax_rnn_elman_forward", *FORWARD_KINDS, shapes, activation=code,
+                 reverse=reverse)
 
 
 @functools.cache
@@ -243,4 +251,36 @@ def backward(code: int, reverse: bool) -> Callable[..., tuple[Array, ...]]:
     """``(h, d_state, d_pre, w_t, d_final) -> (d_g^T, d_h0)``: the backward loop, as in
     ``_kernels.backward``, with the pre-activations' gradients ``d_g`` transposed to
     ``(H, T, B)``."""
-    return _call(_BACKWARD, code, reverse)
+    def shapes(h: Array, *rest: Array) -> tuple[tuple[int, ...], ...]:
+        length, batch, hidden = h.shape
+        return (hidden, length, batch), (batch, hidden)
+
+    return _call("jax_rnn_elman_backward", *BACKWARD_KINDS, shapes, activation=code,
+                 reverse=reverse)
+
+
+@functools.cache
+def lstm_forward(tape: bool, reverse: bool) -> Callable[..., tuple[Array, ...]]:
+    """``(xs (T, B, I), w_in (I, 4H), b (4H,), w (H, 4H), h0 (B, H), c0 (B, H)) -> (h,
+    gates, c_in, c_final)``: an LSTM's forward loop (gates ``[i, f, g, o]``). With the
+    ``tape`` for the backward loop, ``gates`` is each step's ``[s(i), s(f), g, s(o)]``
+    (``(T, B, 4H)``) and ``c_in`` each step's input cell state (``(T, B, H)``); without,
+    ``gates`` is ``g`` (``(T, B, H)``, the public pre-activation) and ``c_in`` is empty
+    (``(0, B, H)``)."""
+    def shapes(xs: Array, *weights: Array) -> tuple[tuple[int, ...], ...]:
+        (length, batch, _), hidden = xs.shape, weights[-1].shape[-1]
+        return ((length, batch, hidden), (length, batch, 4 * hidden if tape else hidden),
+                (length if tape else 0, batch, hidden), (batch, hidden))
+
+    return _call("jax_rnn_lstm_forward", *LSTM_FORWARD_KINDS, shapes, reverse=reverse)
+
+
+@functools.cache
+def lstm_backward(reverse: bool) -> Callable[..., tuple[Array, ...]]:
+    """``(gates, c_in, d_state, d_pre, w_t (4H, H), d_h (B, H), d_c (B, H)) -> (d_a, d_h0,
+    d_c0)``: the backward loop of ``lstm_forward``'s recurrence from its tape, with the
+    gates' pre-activation gradients ``d_a`` (``(T, B, 4H)``)."""
+    def shapes(gates: Array, c_in: Array, *rest: Array) -> tuple[tuple[int, ...], ...]:
+        return gates.shape, c_in.shape[1:], c_in.shape[1:]
+
+    return _call("jax_rnn_lstm_backward", *LSTM_BACKWARD_KINDS, shapes, reverse=reverse)

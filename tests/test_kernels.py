@@ -379,9 +379,10 @@ def test_cpu_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
     _native._warn_once.cache_clear()
     jax.clear_caches()
     try:
-        with pytest.warns(UserWarning, match=r"jax_rnn: the CPU kernels for the Elman cell "
-                                             r"are not available \(false could not compile "
-                                             r"elman.cc.*JAX_RNN_KERNELS=off"):
+        with pytest.warns(UserWarning, match=r"jax_rnn: the CPU kernels for the Elman and "
+                                             r"LSTM cells are not available \(false could "
+                                             r"not compile elman.cc, lstm.cc.*"
+                                             r"JAX_RNN_KERNELS=off"):
             assert _kernels.mode() == "off"
         cell = jax_rnn.elman
         params, xs, state0 = _problem(cell, 5, 2, 3, 4, 1.0, seed=14)

@@ -1,0 +1,332 @@
+// Shared by the CPU kernels (elman.cc, gated.cc): float32 vectors, the activations,
+// the loop runner that shares steps with XLA's thread pool, and operand checks.
+
+#ifndef JAX_RNN_CSRC_COMMON_H_
+#define JAX_RNN_CSRC_COMMON_H_
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+#include <memory>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kLanes = 16;  // output columns per panel (one vector)
+
+typedef float Vec __attribute__((vector_size(64)));
+typedef float VecU __attribute__((vector_size(64), aligned(4)));
+typedef int32_t IVec __attribute__((vector_size(64)));
+
+inline Vec Load(const float* p) { return *reinterpret_cast<const VecU*>(p); }
+inline void Store(float* p, Vec v) { *reinterpret_cast<VecU*>(p) = v; }
+
+// The first n < kLanes entries; the rest zero.
+inline Vec LoadPart(const float* p, int n) {
+  float tmp[kLanes] = {};
+  std::memcpy(tmp, p, n * sizeof(float));
+  return Load(tmp);
+}
+
+inline void StorePart(float* p, Vec v, int n) {
+  float tmp[kLanes];
+  Store(tmp, v);
+  std::memcpy(p, tmp, n * sizeof(float));
+}
+
+inline Vec Splat(float x) { return Vec{} + x; }
+
+// exp(x) for x <= 0 (clamped at -87): x = n ln2 + r, exp(r) by its Taylor polynomial to
+// r^7 (|r| <= ln2 / 2), times 2^n built in the exponent bits.
+inline Vec ExpNonPositive(Vec x) {
+  x = x < -87.0f ? Splat(-87.0f) : x;
+  Vec n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x / ln2)
+  n = n == n ? n : Splat(0.0f);  // NaN (whose result stays NaN through p): a defined 2^0
+  const Vec r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 in two parts
+  Vec p = r * (1.0f / 5040) + (1.0f / 720);
+  p = p * r + (1.0f / 120);
+  p = p * r + (1.0f / 24);
+  p = p * r + (1.0f / 6);
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  IVec bits = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// tanh: an odd polynomial below |x| = 0.4, else 1 - 2 / (exp(2|x|) + 1); within 2.4 ulp
+// (1.7e-7 relative) of the exact value over [-20, 20] and at tiny values (measured on a
+// grid of 2e7 points), about XLA's own float32 tanh.
+inline Vec Tanh(Vec x) {
+  const Vec a = x < 0.0f ? -x : x;
+  const Vec e = ExpNonPositive(-2.0f * a);
+  const Vec large = (1.0f - e) / (1.0f + e);
+  // tanh's Taylor series to x^15 (the first term left out is below 4e-10 relative at
+  // |x| < 0.4, where the exp form would lose digits to 1 - e).
+  const Vec x2 = x * x;
+  Vec p = x2 * (-929569.0f / 638512875) + (21844.0f / 6081075);
+  p = p * x2 + (-1382.0f / 155925);
+  p = p * x2 + (62.0f / 2835);
+  p = p * x2 + (-17.0f / 315);
+  p = p * x2 + (2.0f / 15);
+  p = p * x2 + (-1.0f / 3);
+  const Vec small = a + a * x2 * p;
+  const Vec t = a < 0.4f ? small : large;  // NaN takes `large`, which stays NaN
+  // |tanh| with x's sign bit (so that tanh(-0) = -0).
+  IVec bits, sign;
+  std::memcpy(&bits, &t, sizeof bits);
+  std::memcpy(&sign, &x, sizeof sign);
+  bits |= sign & static_cast<int32_t>(0x80000000u);
+  Vec out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+
+// The logistic sigmoid 1 / (1 + exp(-x)), from e = exp(-|x|): 1 / (1 + e) for x >= 0,
+// e / (1 + e) below (no cancellation either side); NaN stays NaN.
+inline Vec Sigmoid(Vec x) {
+  const Vec e = ExpNonPositive(x < 0.0f ? x : -x);
+  const Vec s = 1.0f / (1.0f + e);
+  return x < 0.0f ? e * s : s;
+}
+
+// NaN stays NaN, as in jax.nn.relu.
+inline Vec Relu(Vec x) { return x < 0.0f ? Splat(0.0f) : x; }
+
+enum Activation : int32_t { kTanh = 0, kRelu = 1 };
+
+// acc[r][q] += a[r, :] @ m[:, 16 q:16 (q + 1)] for rows a (stride lda) and a panel m of
+// G vectors of 16 columns (row stride 16 G), over `depth` columns of a.
+template <int R, int G>
+inline void Product(const float* a, int64_t lda, const float* m, int64_t depth,
+                    Vec (&acc)[R][G]) {
+  for (int64_t k = 0; k < depth; ++k) {
+    Vec w[G];
+    for (int q = 0; q < G; ++q) w[q] = Load(m + (k * G + q) * kLanes);
+    for (int r = 0; r < R; ++r) {
+      const float v = a[r * lda + k];
+      for (int q = 0; q < G; ++q) acc[r][q] += v * w[q];
+    }
+  }
+}
+
+// The (step, panel) work of a loop, shared by the participating threads.
+struct Work {
+  int64_t panels = 0, total = 0;
+  alignas(64) std::atomic<int64_t> next{0};
+  alignas(64) std::atomic<int64_t> done{0};
+};
+
+// Waits until `done` reaches `target`: spins briefly, then yields the core (the machine
+// may have fewer free cores than threads).
+inline void WaitFor(const std::atomic<int64_t>& done, int64_t target) {
+  for (int spins = 0; done.load(std::memory_order_acquire) < target; ++spins) {
+    if (spins > 2000) {
+      std::this_thread::yield();
+    } else {
+#if defined(__x86_64__) || defined(__i386__)
+      __builtin_ia32_pause();
+#endif
+    }
+  }
+}
+
+// Claims and runs panels until none are left. `panel(step, p)` computes panel p of a step.
+template <typename Panel>
+void Participate(Work& work, const Panel& panel) {
+  for (;;) {
+    const int64_t item = work.next.fetch_add(1, std::memory_order_relaxed);
+    if (item >= work.total) return;
+    const int64_t step = item / work.panels;
+    WaitFor(work.done, step * work.panels);
+    panel(step, item % work.panels);
+    work.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Products of at least this many multiply-adds per step are shared with a second thread
+// (and 2 * kShareMin with a third, ...); smaller steps run on the calling thread alone.
+// Measured on 2 cores, forward / backward loop in ms: B=8, I=32, H=64 (49152 and 32768
+// per step) shared 14.0 / 19.8, alone 19.6 / 27.8; B=4, I=16, H=64 (20480 and 16384)
+// shared 0.65 / 0.95, alone 0.61 / 0.80.
+constexpr int64_t kShareMin = 1 << 15;
+
+// The threads that share a loop: one more per kShareMin multiply-adds of a step, at most
+// one per panel and XLA's pool size (only 2 threads were measured: this machine's pool).
+// Exported for the tests as JaxRnnThreads (elman.cc; jax_rnn._native.threads).
+inline int64_t Threads(int64_t step_work, int64_t panels, int64_t pool_threads) {
+  return std::max<int64_t>(1, std::min({1 + step_work / kShareMin, panels, pool_threads}));
+}
+
+template <typename Panel>
+void Run(ffi::ThreadPool& pool, int64_t steps, int64_t panels, int64_t step_work,
+         const Panel& panel) {
+  auto work = std::make_shared<Work>();
+  work->panels = panels;
+  work->total = steps * panels;
+  const int64_t threads = Threads(step_work, panels, pool.num_threads());
+  for (int64_t i = 1; i < threads; ++i) {
+    // A task holds `work` alive; it reads `panel` (on this stack) only for items it
+    // claims, and every item is claimed and done before this function returns.
+    pool.Schedule([work, &panel] { Participate(*work, panel); });
+  }
+  Participate(*work, panel);
+  WaitFor(work->done, work->total);
+}
+
+// Matrices stacked by rows (each (rows, ld), given as (pointer, rows)), packed by panels
+// of G vectors of 16 columns: panel p is (rows, 16 G), and its vector q holds the source
+// columns c, ..., c + n - 1 for (c, n) = columns(p, q), zero past n. The panels follow one
+// another, so that a panel's product reads its weights in order (the rows of a wide
+// matrix, strided, were slower: LSTM forward 65 vs 43 ms at T=1000, B=32, H=128).
+template <typename Columns>
+std::vector<float> PackPanels(std::initializer_list<std::pair<const float*, int64_t>> parts,
+                              int64_t ld, int64_t panels, int G, const Columns& columns) {
+  int64_t rows = 0;
+  for (const auto& part : parts) rows += part.second;
+  std::vector<float> packed(panels * rows * G * kLanes, 0.0f);
+  float* out = packed.data();
+  for (int64_t p = 0; p < panels; ++p) {
+    for (const auto& [m, count] : parts) {
+      for (int64_t k = 0; k < count; ++k, out += G * kLanes) {
+        for (int q = 0; q < G; ++q) {
+          const auto [c, n] = columns(p, q);
+          if (n > 0) std::memcpy(out + q * kLanes, m + k * ld + c, n * sizeof(float));
+        }
+      }
+    }
+  }
+  return packed;
+}
+
+// The columns of a matrix of `cols` columns in order: panel p's vector q is columns
+// 16 (G p + q) on (for PackPanels).
+inline auto InOrder(int64_t cols, int G) {
+  return [cols, G](int64_t p, int q) {
+    const int64_t c = (p * G + q) * kLanes;
+    return std::pair<int64_t, int64_t>{c, std::clamp<int64_t>(cols - c, 0, kLanes)};
+  };
+}
+
+// Rows of one operand of a step's product: row r is a + r * depth, `depth` long.
+struct Rows {
+  const float* a;
+  int64_t depth;
+};
+
+// block(R) for the R = rest < kMax + 1 rows left at r.
+template <int R, typename Block>
+inline void ForTail(int64_t rest, int64_t r, const Block& block) {
+  if (rest == R) {
+    block(std::integral_constant<int, R>{}, r);
+  } else if constexpr (R > 1) {
+    ForTail<R - 1>(rest, r, block);
+  }
+}
+
+// Calls block(std::integral_constant<int, R>{}, r) for consecutive blocks of R rows
+// starting at r = 0: blocks of kMax rows, then one block of the rest.
+template <int kMax, typename Block>
+inline void ForBlocks(int64_t batch, const Block& block) {
+  int64_t r = 0;
+  for (; r + kMax <= batch; r += kMax) block(std::integral_constant<int, kMax>{}, r);
+  if (r == batch) return;
+  if constexpr (kMax > 1) {
+    ForTail<kMax - 1>(batch - r, r, block);
+  }
+}
+
+inline Vec LoadN(const float* p, int n) { return n == kLanes ? Load(p) : LoadPart(p, n); }
+inline void StoreN(float* p, Vec v, int n) {
+  if (n == kLanes) Store(p, v); else StorePart(p, v, n);
+}
+
+// Rows per block of a product with G vectors per panel: 8 x 1 accumulator vectors, or
+// 6 x 4 (with the 4 weight vectors of a step in k, within AVX-512's 32 registers; 4 x 4
+// made the LSTM's forward loop 1.5x slower at T=1000, B=32, H=128).
+template <int G>
+constexpr int kBlockRows = G <= 2 ? 8 : 6;
+
+// One panel m of G vectors of a step's product (PackPanels' layout: x's depth rows, then
+// h's): for every row r, acc (G vectors) from start(r, acc), plus [x[r], h[r]] @ m, then
+// finish(r, acc).
+template <int G, typename Start, typename Finish>
+void WidePanel(Rows x, Rows h, const float* m, int64_t batch, const Start& start,
+               const Finish& finish) {
+  ForBlocks<kBlockRows<G>>(batch, [&](auto rows, int64_t r) {
+    constexpr int R = decltype(rows)::value;
+    Vec acc[R][G];
+    for (int i = 0; i < R; ++i) start(r + i, acc[i]);
+    if (x.depth > 0) Product<R, G>(x.a + r * x.depth, x.depth, m, x.depth, acc);
+    Product<R, G>(h.a + r * h.depth, h.depth, m + x.depth * G * kLanes, h.depth, acc);
+    for (int i = 0; i < R; ++i) finish(r + i, acc[i]);
+  });
+}
+
+// Runs a loop whose steps each multiply rows by the stacked matrices `parts` (each
+// (rows, cols)), in panels of one vector of 16 columns: panel(m, step, p) computes panel
+// p of a step, m its packed weights (PackPanels, columns in order). (Panels of 2 or 4
+// vectors, as the LSTM's forward loop has, made these loops no faster in an A/B in one
+// process, and forward+backward up to 20% slower: Elman, T=1000, B=32, H=128: 59.2 ms
+// with 1, 62.3 with 2, 64.4 with 4 vectors; T=200, B=64, H=512: 208, 232, 248 ms.)
+template <typename Panel>
+void RunProduct(ffi::ThreadPool& pool, int64_t steps, int64_t cols,
+                std::initializer_list<std::pair<const float*, int64_t>> parts,
+                int64_t step_work, const Panel& panel) {
+  const int64_t panels = (cols + kLanes - 1) / kLanes;
+  int64_t depth = 0;
+  for (const auto& part : parts) depth += part.second;
+  const std::vector<float> packed = PackPanels(parts, cols, panels, 1, InOrder(cols, 1));
+  Run(pool, steps, panels, step_work, [&](int64_t step, int64_t p) {
+    panel(packed.data() + p * depth * kLanes, step, p);
+  });
+}
+
+// Asks Linux to back the whole 2 MiB pages inside [p, p + bytes) (a result buffer about to
+// be written for the first time) with transparent huge pages where the system allows them
+// on request ("madvise" in /sys/kernel/mm/transparent_hugepage/enabled): XLA's fresh
+// result buffers otherwise fault in 4 KiB at a time. Only advice: contents and
+// ownership are unchanged, and a failure is ignored.
+inline void AdviseHugePages(float* p, int64_t count) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p + count)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)count;
+#endif
+}
+
+// Whether `dims` is `want` (-1: any), else an error naming the kernel and the operand.
+ffi::Error CheckShape(const char* kernel, const char* operand, ffi::Span<const int64_t> dims,
+                      std::initializer_list<int64_t> want) {
+  bool ok = dims.size() == want.size();
+  for (size_t i = 0; ok && i < want.size(); ++i) {
+    ok = want.begin()[i] < 0 || dims[i] == want.begin()[i];
+  }
+  if (ok) return ffi::Error::Success();
+  return ffi::Error::InvalidArgument(std::string(kernel) + ": " + operand +
+                                     " has the wrong shape (jax_rnn._native calls it)");
+}
+
+}  // namespace
+
+#endif  // JAX_RNN_CSRC_COMMON_H_

@@ -1,0 +1,224 @@
+// The LSTM cell's two sequential loops on CPUs, as XLA FFI custom calls (elman.cc's
+// counterparts; jax_rnn/_kernels.py calls them for a float32 LSTM, see its docstring).
+// With a = [x_t, h_{t-1}] @ [w_in; w] + b split into the gates [i, f, g, o]:
+//
+//   forward:  c_t = s(f) c_{t-1} + s(i) tanh(g),  h_t = s(o) tanh(c_t)
+//             (s: the logistic sigmoid)
+//   backward: d h = d h_t + d state_t,  d c = d c_t + d h s(o) (1 - tanh(c_t)^2),
+//             d a = [d c tanh(g) s(i)(1 - s(i)), d c c_{t-1} s(f)(1 - s(f)),
+//                    d c s(i)(1 - tanh(g)^2) + d pre_t, d h tanh(c_t) s(o)(1 - s(o))],
+//             d h_{t-1} = d a @ w.T,  d c_{t-1} = d c s(f)
+//
+// The forward loop computes a step's four gates of 16 hidden units together (a panel of
+// 4 x 16 columns of the packed [w_in; w], in blocks of 6 rows: common.h), so that the
+// cell's pointwise part runs on the product's registers. It writes the states h and, for
+// the backward pass (a "tape"), each step's [s(i), s(f), g, s(o)] and input cell state
+// c_{t-1}; without the tape, only g (the public pre-activation). The backward loop
+// recomputes tanh(g) and tanh(c_t) from the tape, as jax_rnn's XLA loops do. Steps are
+// shared with XLA's thread pool as in elman.cc (common.h's Run).
+
+#include "common.h"
+
+namespace {
+
+constexpr int kGates = 4;  // i, f, g, o
+
+// Panel p of the packed gate weights (PackPanels): its vector q is gate q's columns for
+// hidden units 16 p on, so that one panel's product gives all four gates of 16 units.
+inline auto GateColumns(int64_t hidden) {
+  return [hidden](int64_t p, int q) {
+    return std::pair<int64_t, int64_t>{q * hidden + p * kLanes,
+                                       std::min<int64_t>(kLanes, hidden - p * kLanes)};
+  };
+}
+
+// The forward loop. c_final holds the running cell state (c0 at first, updated in place:
+// each panel owns its columns). With the tape, gates is (T, B, 4H) and c_in (T, B, H);
+// without, gates is (T, B, H) (g only) and c_in (0, B, H).
+ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
+                           ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> b,
+                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0,
+                           ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> h,
+                           ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> c_in,
+                           ffi::ResultBuffer<ffi::F32> c_final, int32_t reverse) {
+  const char* name = "jax_rnn_lstm_forward";
+  const auto dims = xs.dimensions();
+  if (dims.size() != 3) return CheckShape(name, "xs", dims, {-1, -1, -1});
+  const int64_t length = dims[0], batch = dims[1], inputs = dims[2];
+  const int64_t hidden = w.dimensions().size() == 2 ? w.dimensions()[0] : -1;
+  const bool tape = gates->dimensions().size() == 3 && hidden > 0 &&
+                    gates->dimensions()[2] == kGates * hidden;
+  const int64_t width = tape ? kGates * hidden : hidden;
+  for (auto error : {CheckShape(name, "w", w.dimensions(), {hidden, kGates * hidden}),
+                     CheckShape(name, "w_in", w_in.dimensions(), {inputs, kGates * hidden}),
+                     CheckShape(name, "b", b.dimensions(), {kGates * hidden}),
+                     CheckShape(name, "h0", h0.dimensions(), {batch, hidden}),
+                     CheckShape(name, "c0", c0.dimensions(), {batch, hidden}),
+                     CheckShape(name, "h", h->dimensions(), {length, batch, hidden}),
+                     CheckShape(name, "gates", gates->dimensions(), {length, batch, width}),
+                     CheckShape(name, "c_in", c_in->dimensions(),
+                                {tape ? length : 0, batch, hidden}),
+                     CheckShape(name, "c_final", c_final->dimensions(), {batch, hidden})}) {
+    if (error.failure()) return error;
+  }
+  const int64_t size = batch * hidden;
+  float* c_p = c_final->typed_data();
+  if (size > 0) std::memcpy(c_p, c0.typed_data(), size * sizeof(float));
+  if (length == 0 || size == 0) return ffi::Error::Success();
+  const int64_t panels = (hidden + kLanes - 1) / kLanes, width_p = kGates * kLanes;
+  const std::vector<float> packed =
+      PackPanels({{w_in.typed_data(), inputs}, {w.typed_data(), hidden}}, kGates * hidden,
+                 panels, kGates, GateColumns(hidden));
+  const std::vector<float> bias =
+      PackPanels({{b.typed_data(), 1}}, kGates * hidden, panels, kGates, GateColumns(hidden));
+  const float* xs_p = xs.typed_data();
+  float *h_p = h->typed_data(), *g_p = gates->typed_data(), *ci_p = c_in->typed_data();
+  AdviseHugePages(h_p, length * size);
+  AdviseHugePages(g_p, length * batch * width);
+  AdviseHugePages(ci_p, c_in->element_count());
+  auto panel = [&](int64_t step, int64_t p) {
+    const int64_t t = reverse ? length - 1 - step : step;
+    const float* prev = step == 0 ? h0.typed_data() : h_p + (reverse ? t + 1 : t - 1) * size;
+    const float* x_t = xs_p + t * batch * inputs;
+    const int64_t j0 = p * kLanes;
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j0));
+    auto start = [&](int64_t, auto& acc) {
+      for (int q = 0; q < kGates; ++q) acc[q] = Load(bias.data() + p * width_p + q * kLanes);
+    };
+    auto finish = [&](int64_t r, auto& acc) {
+      const int64_t row = t * batch + r;
+      const Vec ig = Sigmoid(acc[0]), fg = Sigmoid(acc[1]), og = Sigmoid(acc[3]);
+      float* c_row = c_p + r * hidden + j0;
+      const Vec c_prev = LoadN(c_row, n);
+      const Vec c = fg * c_prev + ig * Tanh(acc[2]);
+      StoreN(c_row, c, n);
+      StoreN(h_p + row * hidden + j0, og * Tanh(c), n);
+      if (tape) {
+        float* g_row = g_p + row * kGates * hidden + j0;
+        StoreN(g_row, ig, n);
+        StoreN(g_row + hidden, fg, n);
+        StoreN(g_row + 2 * hidden, acc[2], n);
+        StoreN(g_row + 3 * hidden, og, n);
+        StoreN(ci_p + row * hidden + j0, c_prev, n);
+      } else {
+        StoreN(g_p + row * hidden + j0, acc[2], n);
+      }
+    };
+    WidePanel<kGates>(Rows{x_t, inputs}, Rows{prev, hidden},
+                      packed.data() + p * (inputs + hidden) * width_p, batch, start, finish);
+  };
+  Run(pool, length, panels, batch * (inputs + hidden) * kGates * hidden, panel);
+  return ffi::Error::Success();
+}
+
+// The backward loop, from the forward loop's tape. d_c0 holds the running cell-state
+// gradient (d_c at first, updated in place). d_a is written by steps, (T, B, 4H), and
+// each step's product reads it from there. (Written transposed, (4H, T, B), as elman.cc's
+// d_g, its scattered stores made the loop 2x slower at T=1000, B=32, H=128.)
+ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates,
+                            ffi::Buffer<ffi::F32> c_in, ffi::Buffer<ffi::F32> d_state,
+                            ffi::Buffer<ffi::F32> d_pre, ffi::Buffer<ffi::F32> w_t,
+                            ffi::Buffer<ffi::F32> d_h, ffi::Buffer<ffi::F32> d_c,
+                            ffi::ResultBuffer<ffi::F32> d_a, ffi::ResultBuffer<ffi::F32> d_h0,
+                            ffi::ResultBuffer<ffi::F32> d_c0, int32_t reverse) {
+  const char* name = "jax_rnn_lstm_backward";
+  const auto dims = c_in.dimensions();
+  if (dims.size() != 3) return CheckShape(name, "c_in", dims, {-1, -1, -1});
+  const int64_t length = dims[0], batch = dims[1], hidden = dims[2];
+  const int64_t width = kGates * hidden;
+  for (auto error : {CheckShape(name, "gates", gates.dimensions(), {length, batch, width}),
+                     CheckShape(name, "d_state", d_state.dimensions(), {length, batch, hidden}),
+                     CheckShape(name, "d_pre", d_pre.dimensions(), {length, batch, hidden}),
+                     CheckShape(name, "w_t", w_t.dimensions(), {width, hidden}),
+                     CheckShape(name, "d_h", d_h.dimensions(), {batch, hidden}),
+                     CheckShape(name, "d_c", d_c.dimensions(), {batch, hidden}),
+                     CheckShape(name, "d_a", d_a->dimensions(), {length, batch, width}),
+                     CheckShape(name, "d_h0", d_h0->dimensions(), {batch, hidden}),
+                     CheckShape(name, "d_c0", d_c0->dimensions(), {batch, hidden})}) {
+    if (error.failure()) return error;
+  }
+  const int64_t size = batch * hidden;
+  if (size == 0) return ffi::Error::Success();
+  float *dh0_p = d_h0->typed_data(), *dc_p = d_c0->typed_data();
+  std::memcpy(dc_p, d_c.typed_data(), size * sizeof(float));
+  if (length == 0) {
+    std::memcpy(dh0_p, d_h.typed_data(), size * sizeof(float));
+    return ffi::Error::Success();
+  }
+  const float *g_p = gates.typed_data(), *ci_p = c_in.typed_data();
+  const float *ds_p = d_state.typed_data(), *dp_p = d_pre.typed_data();
+  float* da_p = d_a->typed_data();
+  AdviseHugePages(da_p, length * batch * width);
+  auto order = [&](int64_t step) { return reverse ? step : length - 1 - step; };
+  // d_a at step s (time t = order(s)), row r, hidden units j:j+n, from the cotangent
+  // d_next of h_t that the later steps pass back.
+  auto gate = [&](int64_t step, int64_t r, int64_t j, int n, Vec d_next) {
+    const int64_t t = order(step), at = (t * batch + r) * hidden + j;
+    const float* g_row = g_p + (t * batch + r) * width + j;
+    const Vec ig = LoadN(g_row, n), fg = LoadN(g_row + hidden, n);
+    const Vec og = LoadN(g_row + 3 * hidden, n), tg = Tanh(LoadN(g_row + 2 * hidden, n));
+    const Vec c_prev = LoadN(ci_p + at, n);
+    const Vec tc = Tanh(fg * c_prev + ig * tg);
+    const Vec dh = d_next + LoadN(ds_p + at, n);
+    float* dc_row = dc_p + r * hidden + j;
+    const Vec dc = LoadN(dc_row, n) + dh * og * (1.0f - tc * tc);
+    StoreN(dc_row, dc * fg, n);
+    float* out = da_p + (t * batch + r) * width + j;
+    StoreN(out, dc * tg * ig * (1.0f - ig), n);
+    StoreN(out + hidden, dc * c_prev * fg * (1.0f - fg), n);
+    StoreN(out + 2 * hidden, dc * ig * (1.0f - tg * tg) + LoadN(dp_p + at, n), n);
+    StoreN(out + 3 * hidden, dh * tc * og * (1.0f - og), n);
+  };
+  for (int64_t r = 0; r < batch; ++r) {
+    for (int64_t j = 0; j < hidden; j += kLanes) {
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
+      gate(0, r, j, n, LoadN(d_h.typed_data() + r * hidden + j, n));
+    }
+  }
+  auto panel = [&](const float* m, int64_t step, int64_t p) {
+    const float* source = da_p + order(step) * batch * width;
+    auto start = [](int64_t, auto& acc) { acc[0] = Vec{}; };
+    auto finish = [&](int64_t r, auto& acc) {
+      const int64_t j = p * kLanes;
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
+      if (step + 1 < length) gate(step + 1, r, j, n, acc[0]);
+      else StoreN(dh0_p + r * hidden + j, acc[0], n);
+    };
+    WidePanel<1>(Rows{nullptr, 0}, Rows{source, width}, m, batch, start, finish);
+  };
+  RunProduct(pool, length, hidden, {{w_t.typed_data(), width}}, batch * width * hidden,
+             panel);
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnLstmForward, LstmForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // xs (T, B, I)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_in (I, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b (4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w (H, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // h0 (B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c0 (B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // h (T, B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // gates (T, B, 4H or H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_in (T or 0, B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // c_final (B, H)
+                                  .Attr<int32_t>("reverse"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnLstmBackward, LstmBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gates (T, B, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // c_in (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_state (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_pre (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w_t (4H, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_h (B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_c (B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_a (T, B, 4H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_h0 (B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // d_c0 (B, H)
+                                  .Attr<int32_t>("reverse"));
