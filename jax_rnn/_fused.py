@@ -36,7 +36,8 @@ it: reading the saved gates costs less memory traffic than a precomputed array o
 derivatives would.
 
 One LSTM (GRU) sequence of hidden size at most 64 (32) on a CPU (no masked, reset or
-cut steps) takes a compact path instead, because there XLA's per-operation cost is most of
+cut steps; for the LSTM, where the C++ kernels below do not run) takes a compact path
+instead, because there XLA's per-operation cost is most of
 each step: its loops run at most 8 operations each (the most that XLA's CPU runtime
 executes one after another without dataflow scheduling). The LSTM's path keeps the gates and
 cell states in the forward loop and precomputes every derivative coefficient for the
@@ -47,8 +48,10 @@ An Elman cell's two loops (tanh or relu, float32, one batch axis or none, no mas
 reset or cut steps) run as one kernel each instead of XLA's while loops
 (:mod:`jax_rnn._kernels`): on an NVIDIA GPU Pallas kernels (at most 128 hidden units;
 the forward kernel after the hoisted projection), on a CPU C++ kernels
-(:mod:`jax_rnn._native`; the forward kernel projects each step's input itself). The
-contractions after the backward loop are XLA's, as for the other cells.
+(:mod:`jax_rnn._native`; the forward kernel projects each step's input itself). On a
+CPU an LSTM's loops do too, under the same conditions (:class:`Loops`); they take
+precedence over its compact path. The contractions after the backward loop are XLA's,
+as for the other cells.
 
 Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``: use
 ``unroll(..., impl="scan")`` for it (reverse-over-reverse works on both).
@@ -424,20 +427,16 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
 def _lstm_loops_forward(residuals: bool, reverse: bool, w_in: Array, b_in: Array | None,
                         w: Array, xs: Array, carry0: LSTMState) -> tuple[LSTMState, Tape]:
     """The LSTM's forward loop as one kernel: ``(final, tape)``, the tape's gates the
-    kernel's ``(gates, c_in)``."""
-    h, gates, c_in, c = _kernels.lstm_forward(residuals, reverse, xs, w_in, b_in, w,
-                                              carry0.h, carry0.c)
+    kernel's (``_kernels.LstmTape``)."""
+    h, g, *kept, c = _kernels.lstm_forward(residuals, reverse, xs, w_in, b_in, w, carry0.h,
+                                           carry0.c)
     final = LSTMState(h[0 if reverse else -1], c)
-    if not residuals:
-        return final, Tape(None, gates, h, None)
-    hidden = h.shape[-1]
-    return final, Tape(None, gates[..., 2 * hidden:3 * hidden], h, (gates, c_in))
+    return final, Tape(None, g, h, (g, *kept) if residuals else None)
 
 
 def _lstm_loops_backward(reverse: bool, w: Array, tape: Tape, d_carry: LSTMState,
                          d_pre: Array, d_state: Array) -> tuple[LSTMState, Array]:
-    gates, c_in = tape.gates
-    d_a, d_h0, d_c0 = _kernels.lstm_backward(reverse, gates, c_in, d_state, d_pre, w.T,
+    d_a, d_h0, d_c0 = _kernels.lstm_backward(reverse, *tape.gates, d_state, d_pre, w.T,
                                              d_carry.h, d_carry.c)
     return LSTMState(d_h0, d_c0), d_a
 
@@ -643,6 +642,8 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, .
     carry = jax.tree.leaves(carry0)
     batch = xs.shape[1:-1]  # () or (B,)
     hidden = fc.hidden(carry0).shape[-1]
+    if hidden == 0:
+        return None
     arrays = (xs, *carry, w, *(a for a in others if a is not None))
     ok = (all(c.shape == batch + (hidden,) for c in carry)
           and all(a.dtype == jnp.float32 for a in arrays)
@@ -670,7 +671,13 @@ def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid
         return (final, pre, tape.state), res
     if kernel is not None:
         final, tape = kernel.forward(True, reverse, w_in, b_in, w, xs, carry0)
-    elif _project_per_step():
+        # The kernels' backward loops do not read the pre-activations: leaving them out
+        # of the residuals keeps them out of the chunks' size (and, for an Elman cell whose
+        # pre-activations are unused, out of the computation).
+        res = (w_in, b_in, w, b, xs, valid, resets, cut, tape._replace(pre=None),
+               fc.hidden(carry0))
+        return (final, tape.pre, tape.state), res
+    if _project_per_step():
         final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
                                projection=(w_in, b_in), cut=cut)
     else:
@@ -739,11 +746,12 @@ def _param_grads(fc: FusedCell, params: tuple[Any, ...], xs: Array, tape: Any, h
                  d_out: Any, gh_first: bool = False) -> tuple[tuple[Any, ...], Array]:
     """``((d w_in, d b_in, d w, d b), d xs)`` from the steps' backward-loop outputs ``d_out``
     and input states ``h_in``, each one contraction over time and batch (in the
-    contractions' dtype). ``gh_first``: ``d_out`` comes from a kernel (:mod:`_kernels`;
-    on CPUs laid out ``(H, T, B)``), and the weight gradients are computed transposed,
-    ``d_gh^T @ h_in``: both operands are then in the layout XLA's CPU products take
-    without copies (``h_in^T @ d_gh`` copied both). XLA's own loops write ``d_gh`` by
-    steps, and ``h_in^T @ d_gh`` copies only the narrower ``h_in``."""
+    contractions' dtype). ``gh_first``: ``d_out`` comes from an Elman cell's kernel
+    (:mod:`_kernels`; on CPUs laid out ``(H, T, B)``), and the weight gradients are
+    computed transposed, ``d_gh^T @ h_in``: both operands are then in the layout XLA's CPU
+    products take without copies (``h_in^T @ d_gh`` copied both). XLA's own loops and the
+    LSTM's kernel write ``d_gh`` by steps, and ``h_in^T @ d_gh`` copies only the narrower
+    ``h_in``."""
     w_in, b_in, _, b = params
     d_gx, d_gh = fc.gate_grads(d_out, tape)
     # tensordot keeps the batch axis intact (no reshape merging it with time), so a batch

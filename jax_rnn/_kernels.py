@@ -1,5 +1,6 @@
 """One-kernel recurrences: the Elman cell's sequential loops as one kernel each, on NVIDIA
-GPUs (Pallas kernels, here) and on CPUs (C++ kernels, :mod:`jax_rnn._native`).
+GPUs (Pallas kernels, here) and on CPUs (C++ kernels, :mod:`jax_rnn._native`), and the
+LSTM's on CPUs (C++ kernels: :func:`lstm_forward`, :func:`lstm_backward`).
 
 On a GPU, XLA runs a ``lax.scan`` as a while loop that launches a few kernels per step;
 at the sizes RNNs are trained at, that launch latency (microseconds per step), not the
@@ -27,10 +28,14 @@ On CPUs the same two loops run as C++ kernels (XLA FFI custom calls, compiled on
 use: :mod:`jax_rnn._native`), for any hidden size: XLA's CPU loop runs each step's small
 product on one core and pays per operation of the loop body; the kernels share each
 large enough step with a second thread and fuse the activation into the product (about
-2x faster loops at T=1000, B=32, H=128 on 2 cores; docs/performance.md).
+2x faster loops at T=1000, B=32, H=128 on 2 cores; docs/performance.md). The LSTM's
+two loops run as C++ kernels too: the forward kernel computes all four gates of 16
+hidden units in one panel of the product and the cell's pointwise part on its
+registers, and keeps a tape (the sigmoid gates and each step's input cell state) for
+the backward kernel.
 
-The kernels are pure functions of arrays; :func:`forward` and :func:`backward` wrap each
-in a :func:`jax.custom_jvp` whose tangent is the same recurrence's written with
+The kernels are pure functions of arrays; :func:`forward`, :func:`backward` and the
+LSTM's two wrap each in a :func:`jax.custom_jvp` whose tangent is the same recurrence's written with
 ``lax.scan``, so that reverse-over-reverse differentiation and ``jax.vmap`` go through
 them. With ``JAX_RNN_KERNELS=interpret`` (the tests, on a CPU) the Pallas kernels run in
 Pallas's interpreter. The activation and its derivative are the fused path's own
@@ -359,35 +364,36 @@ def _backward_rows(back: Callable[[Array, Array], Array], reverse: bool, h: Arra
 # The LSTM's loops: C++ kernels on CPUs only (there is no GPU kernel for them).
 
 
+LstmTape = tuple[Array, Array, Array, Array, Array]
+"""``(g, s(i), s(f), s(o), c_in)`` of every step: what :func:`lstm_backward` reads."""
+
+
 def _lstm_forward_scan(tape: bool, reverse: bool, xs: Array, w_in: Array, b: Array | None,
-                       w: Array, h0: Array, c0: Array) -> tuple[Array, Array, Array, Array]:
+                       w: Array, h0: Array, c0: Array) -> tuple[Array, ...]:
     """``lstm_forward`` written with ``lax.scan``: its tangents, and the reference."""
     def body(carry: tuple[Array, Array], gx_t: Array) -> tuple[Any, Any]:
         h, c = carry
-        a = gx_t + h @ w
-        i, f, g, o = jnp.split(a, 4, axis=-1)
+        i, f, g, o = jnp.split(gx_t + h @ w, 4, axis=-1)
         i, f, o = jax.nn.sigmoid(i), jax.nn.sigmoid(f), jax.nn.sigmoid(o)
         c_new = f * c + i * jnp.tanh(g)
         h_new = o * jnp.tanh(c_new)
-        if tape:
-            return (h_new, c_new), (h_new, jnp.concatenate([i, f, g, o], axis=-1), c)
-        return (h_new, c_new), (h_new, g)
+        return (h_new, c_new), (h_new, g, i, f, o, c) if tape else (h_new, g)
 
     (_, c_final), ys = jax.lax.scan(body, (h0, c0), project(xs, w_in, b), reverse=reverse)
-    c_in = ys[2] if tape else jnp.zeros((0, *c0.shape), c0.dtype)
-    return ys[0], ys[1], c_in, c_final
+    kept = ys[2:] if tape else (jnp.zeros((0, *c0.shape), c0.dtype),) * 4
+    return (*ys[:2], *kept, c_final)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def lstm_forward(tape: bool, reverse: bool, xs: Array, w_in: Array, b: Array | None,
-                 w: Array, h0: Array, c0: Array) -> tuple[Array, Array, Array, Array]:
-    """``(h, gates, c_in, c_final)`` of an LSTM (gates ``a = [i, f, g, o] = x_t @ w_in + b +
-    h_{t-1} @ w``, ``c_t = s(f) c_{t-1} + s(i) tanh(g)``, ``h_t = s(o) tanh(c_t)``) over the
-    inputs ``xs`` (``(T, B, I)`` or ``(T, I)``) from ``(h0, c0)``, the loop in one C++
-    kernel on CPUs (:func:`jax_rnn._native.lstm_forward`; elsewhere ``lax.scan``). With the
-    ``tape`` (for :func:`lstm_backward`), ``gates`` is each step's ``[s(i), s(f), g, s(o)]``
-    and ``c_in`` its input cell state; without, ``gates`` is ``g`` (the public
-    pre-activation) and ``c_in`` has no steps."""
+                 w: Array, h0: Array, c0: Array) -> tuple[Array, ...]:
+    """``(h, g, s(i), s(f), s(o), c_in, c_final)`` of an LSTM (gates ``[i, f, g, o] = x_t
+    @ w_in + b + h_{t-1} @ w``, ``c_t = s(f) c_{t-1} + s(i) tanh(g)``, ``h_t = s(o)
+    tanh(c_t)``) over the inputs ``xs`` (``(T, B, I)`` or ``(T, I)``) from ``(h0, c0)``:
+    the states, the cell input's pre-activations (the public ones), and with the ``tape``
+    (for :func:`lstm_backward`) each step's sigmoid gates and input cell state (without,
+    arrays of no steps), then the final cell state. The loop is one C++ kernel on CPUs
+    (:func:`jax_rnn._native.lstm_forward`), ``lax.scan`` elsewhere."""
     return _dispatch(functools.partial(_lstm_forward_scan, tape, reverse),
                      functools.partial(_lstm_forward_native, tape, reverse),
                      functools.partial(_lstm_forward_scan, tape, reverse),
@@ -401,39 +407,40 @@ def _lstm_forward_native(tape: bool, reverse: bool, xs: Array, w_in: Array, b: A
         xs, w_in, bias, w, h0, c0)
 
 
-def _lstm_backward_scan(reverse: bool, gates: Array, c_in: Array, d_state: Array,
-                        d_pre: Array, w_t: Array, d_h: Array,
+def _lstm_backward_scan(reverse: bool, g: Array, i: Array, f: Array, o: Array, c_in: Array,
+                        d_state: Array, d_pre: Array, w_t: Array, d_h: Array,
                         d_c: Array) -> tuple[Array, Array, Array]:
     """``lstm_backward`` written with ``lax.scan``: its tangents, and the reference."""
     def body(carry: tuple[Array, Array], xs: tuple[Array, ...]) -> tuple[Any, Array]:
         d_h_next, d_c_next = carry
-        gates_t, c_prev, d_state_t, d_pre_t = xs
-        i, f, g, o = jnp.split(gates_t, 4, axis=-1)
-        tg = jnp.tanh(g)
-        tc = jnp.tanh(f * c_prev + i * tg)
+        g_t, i_t, f_t, o_t, c_prev, d_state_t, d_pre_t = xs
+        tg = jnp.tanh(g_t)
+        tc = jnp.tanh(f_t * c_prev + i_t * tg)
         d_h = d_h_next + d_state_t
-        d_c = d_c_next + d_h * o * (1.0 - tc * tc)
-        d_a = jnp.concatenate([d_c * tg * i * (1.0 - i), d_c * c_prev * f * (1.0 - f),
-                               d_c * i * (1.0 - tg * tg) + d_pre_t,
-                               d_h * tc * o * (1.0 - o)], axis=-1)
-        return (d_a @ w_t, d_c * f), d_a
+        d_c = d_c_next + d_h * o_t * (1.0 - tc * tc)
+        d_a = jnp.concatenate([d_c * tg * i_t * (1.0 - i_t), d_c * c_prev * f_t * (1.0 - f_t),
+                               d_c * i_t * (1.0 - tg * tg) + d_pre_t,
+                               d_h * tc * o_t * (1.0 - o_t)], axis=-1)
+        return (d_a @ w_t, d_c * f_t), d_a
 
-    (d_h0, d_c0), d_a = jax.lax.scan(body, (d_h, d_c), (gates, c_in, d_state, d_pre),
+    (d_h0, d_c0), d_a = jax.lax.scan(body, (d_h, d_c), (g, i, f, o, c_in, d_state, d_pre),
                                      reverse=not reverse)
     return d_a, d_h0, d_c0
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def lstm_backward(reverse: bool, gates: Array, c_in: Array, d_state: Array, d_pre: Array,
-                  w_t: Array, d_h: Array, d_c: Array) -> tuple[Array, Array, Array]:
+def lstm_backward(reverse: bool, g: Array, i: Array, f: Array, o: Array, c_in: Array,
+                  d_state: Array, d_pre: Array, w_t: Array, d_h: Array,
+                  d_c: Array) -> tuple[Array, Array, Array]:
     """``(d_a, d_h0, d_c0)``: the backward loop of :func:`lstm_forward`'s recurrence from
-    its tape (``gates``, ``c_in``), the cotangents of the public states and
+    its tape (``g``, the sigmoid gates, ``c_in``), the cotangents of the public states and
     pre-activations, ``w.T`` and the cotangents of the final carry: the gates'
-    pre-activation gradients and the initial carry's, in one C++ kernel on CPUs."""
+    pre-activation gradients (``[i, f, g, o]``) and the initial carry's, in one C++ kernel
+    on CPUs."""
     return _dispatch(functools.partial(_lstm_backward_scan, reverse),
                      functools.partial(_lstm_backward_native, reverse),
                      functools.partial(_lstm_backward_scan, reverse),
-                     gates, c_in, d_state, d_pre, w_t, d_h, d_c)
+                     g, i, f, o, c_in, d_state, d_pre, w_t, d_h, d_c)
 
 
 def _lstm_backward_native(reverse: bool, *args: Array) -> tuple[Array, ...]:

@@ -182,8 +182,8 @@ def _warn_once(reason: str) -> None:
 # batched, and runs one call per element where one is (custom_vmap below).
 FORWARD_KINDS = ("smmmr", "s")
 BACKWARD_KINDS = ("sssmr", "tr")
-LSTM_FORWARD_KINDS = ("smmmrr", "sssr")
-LSTM_BACKWARD_KINDS = ("ssssmrr", "srr")
+LSTM_FORWARD_KINDS = ("smmmrr", "ssssssr")
+LSTM_BACKWARD_KINDS = ("sssssssmrr", "srr")
 
 Shapes = Callable[..., tuple[tuple[int, ...], ...]]
 """The shapes of a kernel's results from its arguments."""
@@ -204,7 +204,7 @@ def _call(name: str, kinds: str, outs: str, shapes: Shapes,
     def rule(size: int, batched: list[bool], *args: Array) -> tuple[Any, tuple[bool, ...]]:
         args = tuple(a if b else jnp.broadcast_to(a, (size, *a.shape))
                      for a, b in zip(args, batched, strict=True))
-        if any(b for b, kind in zip(batched, kinds, strict=True) if kind == "m"):
+        if size == 0 or any(b for b, kind in zip(batched, kinds, strict=True) if kind == "m"):
             return tuple(jax.lax.map(lambda a: call(*a), args)), (True,) * len(outs)
         folded = call(*(_fold(a, kind) for a, kind in zip(args, kinds, strict=True)))
         return (tuple(_unfold(r, kind, size) for r, kind in zip(folded, outs, strict=True)),
@@ -261,26 +261,27 @@ def backward(code: int, reverse: bool) -> Callable[..., tuple[Array, ...]]:
 
 @functools.cache
 def lstm_forward(tape: bool, reverse: bool) -> Callable[..., tuple[Array, ...]]:
-    """``(xs (T, B, I), w_in (I, 4H), b (4H,), w (H, 4H), h0 (B, H), c0 (B, H)) -> (h,
-    gates, c_in, c_final)``: an LSTM's forward loop (gates ``[i, f, g, o]``). With the
-    ``tape`` for the backward loop, ``gates`` is each step's ``[s(i), s(f), g, s(o)]``
-    (``(T, B, 4H)``) and ``c_in`` each step's input cell state (``(T, B, H)``); without,
-    ``gates`` is ``g`` (``(T, B, H)``, the public pre-activation) and ``c_in`` is empty
-    (``(0, B, H)``)."""
+    """``(xs (T, B, I), w_in (I, 4H), b (4H,), w (H, 4H), h0 (B, H), c0 (B, H)) -> (h, g,
+    s(i), s(f), s(o), c_in, c_final)``: an LSTM's forward loop (gates ``[i, f, g, o]``):
+    its states, the cell input's pre-activation ``g`` (the public one), and with the
+    ``tape`` for the backward loop each step's three sigmoid gates and input cell state
+    (``(T, B, H)`` each; without, ``(0, B, H)``)."""
     def shapes(xs: Array, *weights: Array) -> tuple[tuple[int, ...], ...]:
         (length, batch, _), hidden = xs.shape, weights[-1].shape[-1]
-        return ((length, batch, hidden), (length, batch, 4 * hidden if tape else hidden),
-                (length if tape else 0, batch, hidden), (batch, hidden))
+        kept = (length if tape else 0, batch, hidden)
+        return ((length, batch, hidden),) * 2 + (kept,) * 4 + ((batch, hidden),)
 
-    return _call("jax_rnn_lstm_forward", *LSTM_FORWARD_KINDS, shapes, reverse=reverse)
+    return _call("jax_rnn_lstm_forward", *LSTM_FORWARD_KINDS, shapes, reverse=reverse,
+                 tape=tape)
 
 
 @functools.cache
 def lstm_backward(reverse: bool) -> Callable[..., tuple[Array, ...]]:
-    """``(gates, c_in, d_state, d_pre, w_t (4H, H), d_h (B, H), d_c (B, H)) -> (d_a, d_h0,
-    d_c0)``: the backward loop of ``lstm_forward``'s recurrence from its tape, with the
-    gates' pre-activation gradients ``d_a`` (``(T, B, 4H)``)."""
-    def shapes(gates: Array, c_in: Array, *rest: Array) -> tuple[tuple[int, ...], ...]:
-        return gates.shape, c_in.shape[1:], c_in.shape[1:]
+    """``(g, s(i), s(f), s(o), c_in, d_state, d_pre, w_t (4H, H), d_h (B, H), d_c (B, H))
+    -> (d_a, d_h0, d_c0)``: the backward loop of ``lstm_forward``'s recurrence from its
+    tape, with the gates' pre-activation gradients ``d_a`` (``(T, B, 4H)``)."""
+    def shapes(g: Array, *rest: Array) -> tuple[tuple[int, ...], ...]:
+        length, batch, hidden = g.shape
+        return (length, batch, 4 * hidden), (batch, hidden), (batch, hidden)
 
     return _call("jax_rnn_lstm_backward", *LSTM_BACKWARD_KINDS, shapes, reverse=reverse)

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import jax_rnn
 from jax_rnn import _kernels, _native
-from jax_rnn.reference import numpy_unroll
+from jax_rnn.reference import numpy_lstm_unroll, numpy_unroll
 
 from ._strategies import as64
 
@@ -58,8 +58,7 @@ def _kernel_calls(fn, *args) -> int:
     """How many kernels the traced ``fn`` runs (a forward loop 1, with its gradient 2):
     Pallas calls, or calls of the C++ kernels' FFI targets."""
     text = str(jax.make_jaxpr(fn)(*args))
-    return (text.count("pallas_call") + text.count("target_name=jax_rnn_elman_forward")
-            + text.count("target_name=jax_rnn_elman_backward"))
+    return text.count("pallas_call") + text.count("target_name=jax_rnn_")
 
 
 def _uses_kernel(fn, *args) -> bool:
@@ -210,11 +209,14 @@ _WHERE = [
     ("two batch axes", jax_rnn.elman, {"batch": (2, 2)}),
     ("another activation", jax_rnn.make_elman(jax.nn.sigmoid), {}),
     ("GRU", jax_rnn.gru, {}),
+    ("LSTM", jax_rnn.lstm, {}),  # C++ kernels only
     ("impl=scan", jax_rnn.elman, {"impl": "scan"}),
 ]
 # Both kinds of kernel share the choice (_fused._kernel) except the size limit
-# (_kernels.fits): the C++ kernels run the cases around that, and one mask and dtype.
-_NATIVE_WHERE = ("eligible", "hidden over MAX_HIDDEN", "masked steps", "float64")
+# (_kernels.fits) and the LSTM (CPUs only): the C++ kernels run the cases around those,
+# and one mask and dtype.
+_NATIVE_WHERE = ("eligible", "hidden over MAX_HIDDEN", "LSTM", "masked steps", "float64",
+                 "GRU")
 
 
 @pytest.mark.parametrize(("setup", "what", "cell", "kw"),
@@ -224,9 +226,10 @@ def test_kernels_only_where_they_apply(setup, request, what, cell, kw):
     """Everything the kernels do not cover runs XLA's loops, forward and backward (their
     values against impl="scan" and the numpy references: tests/test_fused.py and the
     other test files); the "eligible" case, the same call without any of it, runs the
-    kernels, and so does a hidden size over MAX_HIDDEN on a CPU."""
+    kernels, and so do a hidden size over MAX_HIDDEN and the LSTM on a CPU."""
     request.getfixturevalue(setup)
-    eligible = what == "eligible" or (setup == "native" and what == "hidden over MAX_HIDDEN")
+    eligible = what == "eligible" or (setup == "native"
+                                      and what in ("hidden over MAX_HIDDEN", "LSTM"))
     kw = dict(kw)
     dtype, hidden = kw.pop("dtype", np.float32), kw.pop("hidden", 5)
     batch = kw.pop("batch", (2,))
@@ -452,3 +455,172 @@ def test_kernels_off_with_several_devices(monkeypatch):
     monkeypatch.setattr(_kernels, "MODE", "auto")
     monkeypatch.setattr(jax, "device_count", lambda *a: 2)
     assert _kernels.mode() == "off"
+
+
+# The LSTM's C++ kernels (jax_rnn/_csrc/lstm.cc): the forward loop's panels are 16 hidden
+# units (all four gates) in blocks of 6 rows; the backward loop's are 16 columns in
+# blocks of 8 rows.
+
+
+def _lstm_problem(steps, batch, inputs, hidden, scale, seed, biases=True):
+    """float32 ``(params, xs, (h0, c0))`` of an LSTM with a readout; ``batch=None``: one
+    unbatched sequence; ``scale`` multiplies the recurrent weights and the inputs (4:
+    gates saturate)."""
+    params = jax_rnn.lstm.init(jax.random.key(seed), inputs, hidden, 2, dtype=np.float32)
+    params = params._replace(w_cell_state=params.w_cell_state * scale)
+    if not biases:
+        params = params._replace(b_cell_input=None, b_cell_state=None)
+    rng = np.random.default_rng(seed)
+    rows = () if batch is None else (batch,)
+    xs = (scale * rng.normal(size=(steps, *rows, inputs))).astype(np.float32)
+    state0 = jax_rnn.LSTMState(*(rng.uniform(-1, 1, (*rows, hidden)).astype(np.float32)
+                                 for _ in range(2)))
+    return params, xs, state0
+
+
+def _lstm_loss(params, xs, state0, impl, **kw):
+    final, ys = jax_rnn.unroll(jax_rnn.lstm, params, xs, state0, impl=impl, **kw)
+    return (jnp.sum(jnp.sin(ys.output)) + jnp.sum(ys.pre_activation ** 2)
+            + jnp.sum(ys.state) + jnp.sum(final.h ** 2) + jnp.sum(jnp.cos(final.c)))
+
+
+def _check_lstm(steps, batch, inputs, hidden, scale, reverse, seed, kernels_run=(1, 2),
+                biases=True):
+    """The LSTM's values against the numpy reference, every gradient against
+    impl="scan" (float32 rounding), and the kernels each call runs."""
+    params, xs, state0 = _lstm_problem(steps, batch, inputs, hidden, scale, seed, biases)
+    run = jax.jit(lambda p, x, s: jax_rnn.unroll(jax_rnn.lstm, p, x, s, reverse=reverse))
+    grad = jax.grad(_lstm_loss, argnums=(0, 1, 2))
+    assert _kernel_calls(run, params, xs, state0) == kernels_run[0]
+    assert _kernel_calls(lambda *a: grad(*a, "fused", reverse=reverse), params, xs,
+                         state0) == kernels_run[1]
+    final, ys = run(params, xs, state0)
+    (ref_h, ref_c), ref = numpy_lstm_unroll(as64(params), xs.astype(np.float64),
+                                            tuple(a.astype(np.float64) for a in state0),
+                                            reverse=reverse)
+    for got, want in ((ys.state, ref.state), (ys.pre_activation, ref.pre_activation),
+                      (ys.output, ref.output), (final.h, ref_h), (final.c, ref_c)):
+        np.testing.assert_allclose(got, want, rtol=2e-5,
+                                   atol=2e-5 * max(1.0, float(np.abs(want).max())))
+    fused = grad(params, xs, state0, "fused", reverse=reverse)
+    scan = grad(params, xs, state0, "scan", reverse=reverse)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, float(abs(b).max())))
+
+
+@settings(max_examples=4, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.integers(1, 12),
+    batch=st.one_of(st.none(), st.integers(1, 20)),
+    inputs=st.integers(1, 4),
+    hidden=st.integers(1, 40),
+    scale=st.sampled_from([0.5, 1.0, 4.0]),  # 4: gates saturate
+    reverse=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_cpu_lstm_kernel_values_and_gradients(native, steps, batch, inputs, hidden, scale,
+                                              reverse, seed):
+    _check_lstm(steps, batch, inputs, hidden, scale, reverse, seed)
+
+
+@pytest.mark.parametrize(("steps", "batch", "hidden", "reverse", "biases"), [
+    (1, 1, 1, False, True),  # one step, one row, one unit
+    (2, None, 3, True, False),  # unbatched, no biases (a zero bias inside)
+    (3, 13, 17, True, True),  # row blocks of 6, 6 and 1; panels of 16 and 1 units
+    (4, 12, 32, False, True),  # exact blocks and panels
+    (30, 32, 48, True, True),  # shared with a second thread (32 * 50 * 192 > 2^15)
+])
+def test_cpu_lstm_kernel_edge_cases(native, steps, batch, hidden, reverse, biases):
+    _check_lstm(steps, batch, 2, hidden, 1.0, reverse, seed=21, biases=biases)
+
+
+def test_cpu_lstm_kernel_backward_in_chunks(native, monkeypatch):
+    """The LSTM's backward kernel once per chunk of the backward pass (its tape, the
+    gates and input cell states, sliced by chunks): 2 chunks of 3 steps and 1 step."""
+    monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: 3)
+    _check_lstm(7, 2, 2, 5, 1.0, False, seed=22, kernels_run=(1, 3))
+
+
+def test_cpu_lstm_kernel_under_vmap_and_second_order(native):
+    """A vmap over sequences with shared weights folds into one call of each kernel, one
+    over per-example weights runs a call per example; reverse-over-reverse (a
+    Hessian-vector product) goes through the kernels' custom_jvp. Against impl="scan"."""
+    params, xs, state0 = _lstm_problem(6, 4, 3, 7, 1.0, seed=23)
+    per_example = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a, 2 * a]), params)
+
+    def loss(p, x, impl):
+        return jnp.sum(jnp.sin(jax_rnn.unroll(jax_rnn.lstm, p, x, impl=impl)[1].state))
+
+    cases = [(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 1, None)), params),
+             (jax.vmap(jax.value_and_grad(loss), in_axes=(0, 1, None)), per_example)]
+    for fn, p in cases:
+        assert _kernel_calls(lambda p, fn=fn: fn(p, xs, "fused"), p) == 2
+        for a, b in zip(jax.tree.leaves(fn(p, xs, "fused")), jax.tree.leaves(fn(p, xs, "scan")),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, float(abs(b).max())))
+    empty = cases[0][0](params, xs[:, :0], "fused")  # a vmap over no sequences at all
+    assert [a.shape for a in jax.tree.leaves(empty)] == [
+        (0, *a.shape) for a in [np.zeros(())] + jax.tree.leaves(params)]
+    v = jax.tree.map(jnp.ones_like, params)
+
+    def hvp(impl):
+        def g(p):
+            grads = jax.grad(lambda q: jnp.sum(
+                jax_rnn.unroll(jax_rnn.lstm, q, xs, state0, impl=impl)[1].state ** 2))(p)
+            return jnp.vdot(jax.flatten_util.ravel_pytree(grads)[0],
+                            jax.flatten_util.ravel_pytree(v)[0])
+        return jax.grad(g)(params)
+
+    assert _uses_kernel(lambda: hvp("fused"))
+    for a, b in zip(jax.tree.leaves(hvp("fused")), jax.tree.leaves(hvp("scan")), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, float(abs(b).max())))
+
+
+def test_cpu_lstm_kernel_sigmoid_pointwise(native):
+    """The kernels' own sigmoid, through the LSTM forward kernel's tape with one unit,
+    w_in = 1, w = 0, one step and each value in its own row (so the tape's gates are
+    ``s(x)`` and ``g = x``): within 3 float32 ulp of float64's on a grid over [-20, 20],
+    below 1e-37 where the exact value is (-inf and x < -87), exact at 0, +inf and NaN."""
+    grid = np.concatenate([np.linspace(-20, 20, 40001), [0.0, -0.0, 1e-30, 87.0, -87.0,
+                                                        -100.0, np.inf, -np.inf,
+                                                        np.nan]]).astype(np.float32)
+    xs = grid[None, :, None]  # (T, B, I) = (1, values, 1)
+    one, zero = np.ones((1, 4), np.float32), np.zeros((1, 4), np.float32)
+    bias, h0 = np.zeros((4,), np.float32), np.zeros((grid.size, 1), np.float32)
+    h, g, *sigmoids, c_in, c = jax.jit(_native.lstm_forward(True, False))(xs, one, bias, zero,
+                                                                          h0, h0)
+    with np.errstate(over="ignore"):
+        want = 1.0 / (1.0 + np.exp(-grid.astype(np.float64)))
+    for gate in sigmoids:
+        got = np.asarray(gate)[0, :, 0]
+        finite = np.isfinite(want) & (want > 1e-37)
+        ulp = np.spacing(want[finite].astype(np.float32))
+        assert (np.abs(got[finite] - want[finite]) <= 3 * ulp).all()
+        assert (np.abs(got[want <= 1e-37]) <= 1e-37).all()
+        np.testing.assert_array_equal(got[np.isnan(want)], np.float32(np.nan))
+    np.testing.assert_array_equal(np.asarray(g)[0, :, 0], grid)
+    np.testing.assert_array_equal(np.asarray(c_in)[0, :, 0], 0.0)  # c0
+
+
+def test_cpu_lstm_kernel_propagates_nan(native):
+    """A NaN input reaches the same states as in XLA's loop; the other rows stay clean."""
+    params, xs, state0 = _lstm_problem(4, 3, 2, 5, 1.0, seed=24)
+    xs[1, 0, 0] = np.nan
+    got = jax_rnn.unroll(jax_rnn.lstm, params, xs, state0)[1].state
+    want = jax_rnn.unroll(jax_rnn.lstm, params, xs, state0, impl="scan")[1].state
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    assert np.isnan(got[1:, 0]).all() and not np.isnan(got[:, 1:]).any()
+
+
+def test_cpu_lstm_kernel_checks_its_shapes(native):
+    """Called with inconsistent shapes (jax_rnn never does), the LSTM kernels fail with an
+    error naming themselves and the operand."""
+    xs, h0 = np.zeros((3, 2, 4), np.float32), np.zeros((2, 5), np.float32)
+    w_in, w = np.zeros((4, 20), np.float32), np.zeros((5, 20), np.float32)
+    bias = np.zeros((20,), np.float32)
+    with pytest.raises(Exception, match="jax_rnn_lstm_forward: c0 has the wrong shape"):
+        jax.block_until_ready(_native.lstm_forward(True, False)(
+            xs, w_in, bias, w, h0, np.zeros((2, 6), np.float32)))
+    steps = np.zeros((3, 2, 5), np.float32)
+    with pytest.raises(Exception, match="jax_rnn_lstm_backward: w_t has the wrong shape"):
+        jax.block_until_ready(_native.lstm_backward(False)(*[steps] * 7, w, h0, h0))

@@ -1,5 +1,6 @@
 // The LSTM cell's two sequential loops on CPUs, as XLA FFI custom calls (elman.cc's
-// counterparts; jax_rnn/_kernels.py calls them for a float32 LSTM, see its docstring).
+// counterparts; jax_rnn/_fused.py's _kernel says when they run: a float32 LSTM, one
+// batch axis or none, no masked, reset or cut steps).
 // With a = [x_t, h_{t-1}] @ [w_in; w] + b split into the gates [i, f, g, o]:
 //
 //   forward:  c_t = s(f) c_{t-1} + s(i) tanh(g),  h_t = s(o) tanh(c_t)
@@ -11,11 +12,14 @@
 //
 // The forward loop computes a step's four gates of 16 hidden units together (a panel of
 // 4 x 16 columns of the packed [w_in; w], in blocks of 6 rows: common.h), so that the
-// cell's pointwise part runs on the product's registers. It writes the states h and, for
-// the backward pass (a "tape"), each step's [s(i), s(f), g, s(o)] and input cell state
-// c_{t-1}; without the tape, only g (the public pre-activation). The backward loop
-// recomputes tanh(g) and tanh(c_t) from the tape, as jax_rnn's XLA loops do. Steps are
-// shared with XLA's thread pool as in elman.cc (common.h's Run).
+// cell's pointwise part runs on the product's registers. It writes the states h and g
+// (the public pre-activation) and, for the backward pass (the "tape"), each step's s(i),
+// s(f), s(o) and input cell state c_{t-1}, each an array of its own: glibc's malloc
+// serves buffers of up to 32 MiB from memory it keeps, and larger ones from fresh pages
+// (one (T, B, 4H) array of gates, 64 MiB at T=1000, B=32, H=128, made the forward loop
+// 1.5-2x slower). The backward loop recomputes tanh(g) and tanh(c_t) from the tape, as
+// jax_rnn's XLA loops do. Steps are shared with XLA's thread pool as in elman.cc
+// (common.h's Run).
 
 #include "common.h"
 
@@ -33,31 +37,33 @@ inline auto GateColumns(int64_t hidden) {
 }
 
 // The forward loop. c_final holds the running cell state (c0 at first, updated in place:
-// each panel owns its columns). With the tape, gates is (T, B, 4H) and c_in (T, B, H);
-// without, gates is (T, B, H) (g only) and c_in (0, B, H).
+// each panel owns its columns). With the tape, i, f, o and c_in are (T, B, H); without,
+// (0, B, H).
 ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
                            ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> b,
                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0,
                            ffi::Buffer<ffi::F32> c0, ffi::ResultBuffer<ffi::F32> h,
-                           ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> c_in,
-                           ffi::ResultBuffer<ffi::F32> c_final, int32_t reverse) {
+                           ffi::ResultBuffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> i,
+                           ffi::ResultBuffer<ffi::F32> f, ffi::ResultBuffer<ffi::F32> o,
+                           ffi::ResultBuffer<ffi::F32> c_in, ffi::ResultBuffer<ffi::F32> c_final,
+                           int32_t reverse, int32_t tape) {
   const char* name = "jax_rnn_lstm_forward";
   const auto dims = xs.dimensions();
   if (dims.size() != 3) return CheckShape(name, "xs", dims, {-1, -1, -1});
   const int64_t length = dims[0], batch = dims[1], inputs = dims[2];
   const int64_t hidden = w.dimensions().size() == 2 ? w.dimensions()[0] : -1;
-  const bool tape = gates->dimensions().size() == 3 && hidden > 0 &&
-                    gates->dimensions()[2] == kGates * hidden;
-  const int64_t width = tape ? kGates * hidden : hidden;
+  const int64_t kept = tape ? length : 0;
   for (auto error : {CheckShape(name, "w", w.dimensions(), {hidden, kGates * hidden}),
                      CheckShape(name, "w_in", w_in.dimensions(), {inputs, kGates * hidden}),
                      CheckShape(name, "b", b.dimensions(), {kGates * hidden}),
                      CheckShape(name, "h0", h0.dimensions(), {batch, hidden}),
                      CheckShape(name, "c0", c0.dimensions(), {batch, hidden}),
                      CheckShape(name, "h", h->dimensions(), {length, batch, hidden}),
-                     CheckShape(name, "gates", gates->dimensions(), {length, batch, width}),
-                     CheckShape(name, "c_in", c_in->dimensions(),
-                                {tape ? length : 0, batch, hidden}),
+                     CheckShape(name, "g", g->dimensions(), {length, batch, hidden}),
+                     CheckShape(name, "i", i->dimensions(), {kept, batch, hidden}),
+                     CheckShape(name, "f", f->dimensions(), {kept, batch, hidden}),
+                     CheckShape(name, "o", o->dimensions(), {kept, batch, hidden}),
+                     CheckShape(name, "c_in", c_in->dimensions(), {kept, batch, hidden}),
                      CheckShape(name, "c_final", c_final->dimensions(), {batch, hidden})}) {
     if (error.failure()) return error;
   }
@@ -72,10 +78,11 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   const std::vector<float> bias =
       PackPanels({{b.typed_data(), 1}}, kGates * hidden, panels, kGates, GateColumns(hidden));
   const float* xs_p = xs.typed_data();
-  float *h_p = h->typed_data(), *g_p = gates->typed_data(), *ci_p = c_in->typed_data();
-  AdviseHugePages(h_p, length * size);
-  AdviseHugePages(g_p, length * batch * width);
-  AdviseHugePages(ci_p, c_in->element_count());
+  float* const out[] = {h->typed_data(), g->typed_data(), i->typed_data(), f->typed_data(),
+                        o->typed_data(), c_in->typed_data()};
+  for (int k = 0; k < (tape ? 6 : 2); ++k) AdviseHugePages(out[k], length * size);
+  float *h_p = out[0], *g_p = out[1], *i_p = out[2], *f_p = out[3], *o_p = out[4];
+  float* ci_p = out[5];
   auto panel = [&](int64_t step, int64_t p) {
     const int64_t t = reverse ? length - 1 - step : step;
     const float* prev = step == 0 ? h0.typed_data() : h_p + (reverse ? t + 1 : t - 1) * size;
@@ -86,22 +93,19 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
       for (int q = 0; q < kGates; ++q) acc[q] = Load(bias.data() + p * width_p + q * kLanes);
     };
     auto finish = [&](int64_t r, auto& acc) {
-      const int64_t row = t * batch + r;
+      const int64_t at = (t * batch + r) * hidden + j0;
       const Vec ig = Sigmoid(acc[0]), fg = Sigmoid(acc[1]), og = Sigmoid(acc[3]);
       float* c_row = c_p + r * hidden + j0;
       const Vec c_prev = LoadN(c_row, n);
       const Vec c = fg * c_prev + ig * Tanh(acc[2]);
       StoreN(c_row, c, n);
-      StoreN(h_p + row * hidden + j0, og * Tanh(c), n);
+      StoreN(h_p + at, og * Tanh(c), n);
+      StoreN(g_p + at, acc[2], n);
       if (tape) {
-        float* g_row = g_p + row * kGates * hidden + j0;
-        StoreN(g_row, ig, n);
-        StoreN(g_row + hidden, fg, n);
-        StoreN(g_row + 2 * hidden, acc[2], n);
-        StoreN(g_row + 3 * hidden, og, n);
-        StoreN(ci_p + row * hidden + j0, c_prev, n);
-      } else {
-        StoreN(g_p + row * hidden + j0, acc[2], n);
+        StoreN(i_p + at, ig, n);
+        StoreN(f_p + at, fg, n);
+        StoreN(o_p + at, og, n);
+        StoreN(ci_p + at, c_prev, n);
       }
     };
     WidePanel<kGates>(Rows{x_t, inputs}, Rows{prev, hidden},
@@ -115,8 +119,10 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
 // gradient (d_c at first, updated in place). d_a is written by steps, (T, B, 4H), and
 // each step's product reads it from there. (Written transposed, (4H, T, B), as elman.cc's
 // d_g, its scattered stores made the loop 2x slower at T=1000, B=32, H=128.)
-ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates,
-                            ffi::Buffer<ffi::F32> c_in, ffi::Buffer<ffi::F32> d_state,
+ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
+                            ffi::Buffer<ffi::F32> i, ffi::Buffer<ffi::F32> f,
+                            ffi::Buffer<ffi::F32> o, ffi::Buffer<ffi::F32> c_in,
+                            ffi::Buffer<ffi::F32> d_state,
                             ffi::Buffer<ffi::F32> d_pre, ffi::Buffer<ffi::F32> w_t,
                             ffi::Buffer<ffi::F32> d_h, ffi::Buffer<ffi::F32> d_c,
                             ffi::ResultBuffer<ffi::F32> d_a, ffi::ResultBuffer<ffi::F32> d_h0,
@@ -126,7 +132,10 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates,
   if (dims.size() != 3) return CheckShape(name, "c_in", dims, {-1, -1, -1});
   const int64_t length = dims[0], batch = dims[1], hidden = dims[2];
   const int64_t width = kGates * hidden;
-  for (auto error : {CheckShape(name, "gates", gates.dimensions(), {length, batch, width}),
+  for (auto error : {CheckShape(name, "g", g.dimensions(), {length, batch, hidden}),
+                     CheckShape(name, "i", i.dimensions(), {length, batch, hidden}),
+                     CheckShape(name, "f", f.dimensions(), {length, batch, hidden}),
+                     CheckShape(name, "o", o.dimensions(), {length, batch, hidden}),
                      CheckShape(name, "d_state", d_state.dimensions(), {length, batch, hidden}),
                      CheckShape(name, "d_pre", d_pre.dimensions(), {length, batch, hidden}),
                      CheckShape(name, "w_t", w_t.dimensions(), {width, hidden}),
@@ -145,7 +154,8 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates,
     std::memcpy(dh0_p, d_h.typed_data(), size * sizeof(float));
     return ffi::Error::Success();
   }
-  const float *g_p = gates.typed_data(), *ci_p = c_in.typed_data();
+  const float *g_p = g.typed_data(), *i_p = i.typed_data(), *f_p = f.typed_data();
+  const float *o_p = o.typed_data(), *ci_p = c_in.typed_data();
   const float *ds_p = d_state.typed_data(), *dp_p = d_pre.typed_data();
   float* da_p = d_a->typed_data();
   AdviseHugePages(da_p, length * batch * width);
@@ -154,9 +164,8 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> gates,
   // d_next of h_t that the later steps pass back.
   auto gate = [&](int64_t step, int64_t r, int64_t j, int n, Vec d_next) {
     const int64_t t = order(step), at = (t * batch + r) * hidden + j;
-    const float* g_row = g_p + (t * batch + r) * width + j;
-    const Vec ig = LoadN(g_row, n), fg = LoadN(g_row + hidden, n);
-    const Vec og = LoadN(g_row + 3 * hidden, n), tg = Tanh(LoadN(g_row + 2 * hidden, n));
+    const Vec ig = LoadN(i_p + at, n), fg = LoadN(f_p + at, n), og = LoadN(o_p + at, n);
+    const Vec tg = Tanh(LoadN(g_p + at, n));
     const Vec c_prev = LoadN(ci_p + at, n);
     const Vec tc = Tanh(fg * c_prev + ig * tg);
     const Vec dh = d_next + LoadN(ds_p + at, n);
@@ -203,15 +212,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnLstmForward, LstmForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0 (B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c0 (B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h (T, B, H)
-                                  .Ret<ffi::Buffer<ffi::F32>>()  // gates (T, B, 4H or H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // g (T, B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // s(i) (T or 0, B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // s(f) (T or 0, B, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // s(o) (T or 0, B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c_in (T or 0, B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c_final (B, H)
-                                  .Attr<int32_t>("reverse"));
+                                  .Attr<int32_t>("reverse")
+                                  .Attr<int32_t>("tape"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnLstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // gates (T, B, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s(i) (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s(f) (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // s(o) (T, B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c_in (T, B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_state (T, B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_pre (T, B, H)
