@@ -107,12 +107,15 @@ class Loops(NamedTuple):
         gpu: whether the loops have GPU kernels too (else they run on CPUs only).
         gh_first: the weight gradients from ``d_out`` are computed transposed (see
             ``_param_grads``).
+        max_hidden: the widest hidden size the kernels run (``None``: any; on GPUs
+            ``_kernels.fits`` decides too).
     """
 
     forward: Callable[..., tuple[Any, Tape]]
     backward: Callable[..., tuple[Any, Array]]
     gpu: bool
     gh_first: bool
+    max_hidden: int | None = None
 
 
 class FusedCell(NamedTuple):
@@ -441,6 +444,14 @@ def _lstm_loops_backward(reverse: bool, w: Array, tape: Tape, d_carry: LSTMState
     return LSTMState(d_h0, d_c0), d_a
 
 
+_LSTM_KERNEL_MAX_HIDDEN = 128
+"""The widest LSTM the C++ kernels run. Measured on 2 cores against XLA's loops, in one
+process (forward+backward medians): faster at 32, 64 and 128 hidden units (1.2 against
+2.8 ms at T=1000, B=1; 169 against 260 ms at T=1000, B=32, H=128), slower at 512 (1081
+against 789 ms at T=200, B=64, with a wide spread: 657-1411 ms); 256 was not measured.
+Wider LSTMs run XLA's loops (whose per-step products XLA shares between cores there)."""
+
+
 _LSTM = FusedCell(
     input_bias=lambda p: _sum_biases(p.b_cell_input, p.b_cell_state),
     recurrent_bias=lambda p: None,
@@ -452,7 +463,8 @@ _LSTM = FusedCell(
     additive=True,
     compact_forward=_lstm_compact_forward,
     compact_max_hidden=64,
-    kernel=Loops(_lstm_loops_forward, _lstm_loops_backward, gpu=False, gh_first=False),
+    kernel=Loops(_lstm_loops_forward, _lstm_loops_backward, gpu=False, gh_first=False,
+                 max_hidden=_LSTM_KERNEL_MAX_HIDDEN),
 )
 
 
@@ -627,12 +639,12 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
 def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, ...],
             others: tuple[Array | None, ...] = ()) -> Loops | None:
     """``fc.kernel`` (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one kernel
-    each: an Elman cell with tanh or relu (CPUs and NVIDIA GPUs) or an LSTM (CPUs),
-    float32, one batch axis or none, a shape that ``_kernels.fits`` (on GPUs at most
-    ``_kernels.MAX_HIDDEN`` hidden units), at least one step and no masked, reset or cut
-    steps; else ``None``. ``others`` (the input weights and bias) must be float32 too.
-    (The backward pass asks again with ``d_pre`` for ``xs``: the same answer as the
-    forward pass's.)"""
+    each: an Elman cell with tanh or relu (CPUs and NVIDIA GPUs) or an LSTM of at most
+    ``_LSTM_KERNEL_MAX_HIDDEN`` hidden units (CPUs), float32, one batch axis or none, a
+    shape that ``_kernels.fits`` (on GPUs at most ``_kernels.MAX_HIDDEN`` hidden units),
+    at least one step and no masked, reset or cut steps; else ``None``. ``others`` (the
+    input weights and bias) must be float32 too. (The backward pass asks again with
+    ``d_pre`` for ``xs``: the same answer as the forward pass's.)"""
     if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim not in (2, 3)
             or xs.shape[0] == 0):
         return None
@@ -642,7 +654,7 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, .
     carry = jax.tree.leaves(carry0)
     batch = xs.shape[1:-1]  # () or (B,)
     hidden = fc.hidden(carry0).shape[-1]
-    if hidden == 0:
+    if hidden == 0 or (fc.kernel.max_hidden is not None and hidden > fc.kernel.max_hidden):
         return None
     arrays = (xs, *carry, w, *(a for a in others if a is not None))
     ok = (all(c.shape == batch + (hidden,) for c in carry)

@@ -210,13 +210,14 @@ _WHERE = [
     ("another activation", jax_rnn.make_elman(jax.nn.sigmoid), {}),
     ("GRU", jax_rnn.gru, {}),
     ("LSTM", jax_rnn.lstm, {}),  # C++ kernels only
+    ("LSTM over its max hidden", jax_rnn.lstm, {"hidden": 129}),
     ("impl=scan", jax_rnn.elman, {"impl": "scan"}),
 ]
 # Both kinds of kernel share the choice (_fused._kernel) except the size limit
 # (_kernels.fits) and the LSTM (CPUs only): the C++ kernels run the cases around those,
 # and one mask and dtype.
-_NATIVE_WHERE = ("eligible", "hidden over MAX_HIDDEN", "LSTM", "masked steps", "float64",
-                 "GRU")
+_NATIVE_WHERE = ("eligible", "hidden over MAX_HIDDEN", "LSTM", "LSTM over its max hidden",
+                 "masked steps", "float64", "GRU")
 
 
 @pytest.mark.parametrize(("setup", "what", "cell", "kw"),
@@ -226,7 +227,8 @@ def test_kernels_only_where_they_apply(setup, request, what, cell, kw):
     """Everything the kernels do not cover runs XLA's loops, forward and backward (their
     values against impl="scan" and the numpy references: tests/test_fused.py and the
     other test files); the "eligible" case, the same call without any of it, runs the
-    kernels, and so do a hidden size over MAX_HIDDEN and the LSTM on a CPU."""
+    kernels, and so do a hidden size over MAX_HIDDEN and the LSTM (up to 128 hidden
+    units) on a CPU."""
     request.getfixturevalue(setup)
     eligible = what == "eligible" or (setup == "native"
                                       and what in ("hidden over MAX_HIDDEN", "LSTM"))

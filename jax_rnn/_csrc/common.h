@@ -289,21 +289,22 @@ void WidePanel(Rows x, Rows h, const float* m, int64_t batch, const Start& start
 }
 
 // Runs a loop whose steps each multiply rows by the stacked matrices `parts` (each
-// (rows, cols)), in panels of one vector of 16 columns: panel(m, step, p) computes panel
-// p of a step, m its packed weights (PackPanels, columns in order). (Panels of 2 or 4
-// vectors, as the LSTM's forward loop has, made these loops no faster in an A/B in one
-// process, and forward+backward up to 20% slower: Elman, T=1000, B=32, H=128: 59.2 ms
-// with 1, 62.3 with 2, 64.4 with 4 vectors; T=200, B=64, H=512: 208, 232, 248 ms.)
-template <typename Panel>
+// (rows, cols)), in panels of G vectors of 16 columns: panel(m, step, p) computes panel p
+// of a step, m its packed weights (PackPanels, columns in order). The kernels use G = 1:
+// panels of 2 or 4 vectors made the Elman cell's loops no faster in an A/B in one
+// process, and forward+backward up to 20% slower (T=1000, B=32, H=128: 59.2 ms with 1,
+// 62.3 with 2, 64.4 with 4 vectors; T=200, B=64, H=512: 208, 232, 248 ms), and the LSTM's
+// backward loop at H=128 (202 against 232 ms with 4).
+template <int G, typename Panel>
 void RunProduct(ffi::ThreadPool& pool, int64_t steps, int64_t cols,
                 std::initializer_list<std::pair<const float*, int64_t>> parts,
                 int64_t step_work, const Panel& panel) {
-  const int64_t panels = (cols + kLanes - 1) / kLanes;
+  const int64_t panels = (cols + G * kLanes - 1) / (G * kLanes);
   int64_t depth = 0;
   for (const auto& part : parts) depth += part.second;
-  const std::vector<float> packed = PackPanels(parts, cols, panels, 1, InOrder(cols, 1));
+  const std::vector<float> packed = PackPanels(parts, cols, panels, G, InOrder(cols, G));
   Run(pool, steps, panels, step_work, [&](int64_t step, int64_t p) {
-    panel(packed.data() + p * depth * kLanes, step, p);
+    panel(packed.data() + p * depth * G * kLanes, step, p);
   });
 }
 
