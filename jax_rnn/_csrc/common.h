@@ -16,10 +16,6 @@
 #include <utility>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -306,23 +302,6 @@ void RunProduct(ffi::ThreadPool& pool, int64_t steps, int64_t cols,
   Run(pool, steps, panels, step_work, [&](int64_t step, int64_t p) {
     panel(packed.data() + p * depth * G * kLanes, step, p);
   });
-}
-
-// Asks Linux to back the whole 2 MiB pages inside [p, p + bytes) (a result buffer about to
-// be written for the first time) with transparent huge pages where the system allows them
-// on request ("madvise" in /sys/kernel/mm/transparent_hugepage/enabled): XLA's fresh
-// result buffers otherwise fault in 4 KiB at a time. Only advice: contents and
-// ownership are unchanged, and a failure is ignored.
-inline void AdviseHugePages(float* p, int64_t count) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p + count)) & ~(kHuge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)p;
-  (void)count;
-#endif
 }
 
 // Whether `dims` is `want` (-1: any), else an error naming the kernel and the operand.

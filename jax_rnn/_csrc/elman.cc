@@ -52,7 +52,6 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   if (length == 0 || batch == 0 || hidden == 0) return ffi::Error::Success();
   const float *xs_p = xs.typed_data(), *b_p = b.typed_data();
   float* h_p = h->typed_data();
-  AdviseHugePages(h_p, h->element_count());
   const int64_t size = batch * hidden;
   auto panel = [&](const float* m, int64_t step, int64_t p) {
     const int64_t t = reverse ? length - 1 - step : step;
@@ -108,7 +107,6 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
   }
   const float *h_p = h.typed_data(), *ds_p = d_state.typed_data(), *dp_p = d_pre.typed_data();
   float* dgt_p = d_g_t->typed_data();
-  AdviseHugePages(dgt_p, d_g_t->element_count());
   // Step s of the loop's d_g by rows: scratch[s % 2] (step s + 1 writes the other half
   // only once every panel of step s is done).
   std::vector<float> scratch(2 * size);

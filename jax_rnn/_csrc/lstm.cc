@@ -78,11 +78,8 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   const std::vector<float> bias =
       PackPanels({{b.typed_data(), 1}}, kGates * hidden, panels, kGates, GateColumns(hidden));
   const float* xs_p = xs.typed_data();
-  float* const out[] = {h->typed_data(), g->typed_data(), i->typed_data(), f->typed_data(),
-                        o->typed_data(), c_in->typed_data()};
-  for (int k = 0; k < (tape ? 6 : 2); ++k) AdviseHugePages(out[k], length * size);
-  float *h_p = out[0], *g_p = out[1], *i_p = out[2], *f_p = out[3], *o_p = out[4];
-  float* ci_p = out[5];
+  float *h_p = h->typed_data(), *g_p = g->typed_data(), *i_p = i->typed_data();
+  float *f_p = f->typed_data(), *o_p = o->typed_data(), *ci_p = c_in->typed_data();
   auto panel = [&](int64_t step, int64_t p) {
     const int64_t t = reverse ? length - 1 - step : step;
     const float* prev = step == 0 ? h0.typed_data() : h_p + (reverse ? t + 1 : t - 1) * size;
@@ -158,7 +155,6 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   const float *o_p = o.typed_data(), *ci_p = c_in.typed_data();
   const float *ds_p = d_state.typed_data(), *dp_p = d_pre.typed_data();
   float* da_p = d_a->typed_data();
-  AdviseHugePages(da_p, length * batch * width);
   auto order = [&](int64_t step) { return reverse ? step : length - 1 - step; };
   // d_a at step s (time t = order(s)), row r, hidden units j:j+n, from the cotangent
   // d_next of h_t that the later steps pass back.
