@@ -107,8 +107,9 @@ class Loops(NamedTuple):
         gpu: whether the loops have GPU kernels too (else they run on CPUs only).
         gh_first: the weight gradients from ``d_out`` are computed transposed (see
             ``_param_grads``).
-        max_hidden: the widest hidden size the kernels run (``None``: any; on GPUs
-            ``_kernels.fits`` decides too).
+        max_hidden: the widest hidden size the kernels run in a differentiated call
+            (``None``: any; on GPUs ``_kernels.fits`` decides too); a call that is not
+            differentiated runs the forward kernel at any size.
     """
 
     forward: Callable[..., tuple[Any, Tape]]
@@ -445,11 +446,14 @@ def _lstm_loops_backward(reverse: bool, w: Array, tape: Tape, d_carry: LSTMState
 
 
 _LSTM_KERNEL_MAX_HIDDEN = 128
-"""The widest LSTM the C++ kernels run. Measured on 2 cores against XLA's loops, in one
-process (forward+backward medians): faster at 32, 64 and 128 hidden units (1.2 against
-2.8 ms at T=1000, B=1; 169 against 260 ms at T=1000, B=32, H=128), slower at 512 (1081
-against 789 ms at T=200, B=64, with a wide spread: 657-1411 ms); 256 was not measured.
-Wider LSTMs run XLA's loops (whose per-step products XLA shares between cores there)."""
+"""The widest LSTM whose differentiated calls run the C++ kernels. Measured on 2 cores
+against XLA's loops, in one process (forward+backward medians): faster at 32, 64 and 128
+hidden units (1.2 against 2.8 ms at T=1000, B=1; 169 against 260 ms at T=1000, B=32,
+H=128), slower at 512 (1081 against 789 ms at T=200, B=64, with a wide spread: 657-1411
+ms; the backward kernel's product is the slow part); 256 was not measured. Wider LSTMs
+run XLA's loops there (whose per-step products XLA shares between cores). The forward
+kernel alone was as fast or faster at 512 (221 against 268 ms, 251 against 261 ms), so
+a call that is not differentiated runs it at any size."""
 
 
 _LSTM = FusedCell(
@@ -627,7 +631,8 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
     Evaluated without differentiation it is a plain loop; differentiated, the forward
     pass hoists the input projection and the backward pass is fused (module docstring).
     """
-    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in))
+    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in),
+                     differentiated=False)
     if kernel is not None:
         final, tape = kernel.forward(False, reverse, w_in, b_in, w, xs, carry0)
         return final, tape.pre, tape.state
@@ -637,14 +642,16 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
 
 
 def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, ...],
-            others: tuple[Array | None, ...] = ()) -> Loops | None:
+            others: tuple[Array | None, ...] = (), differentiated: bool = True,
+            ) -> Loops | None:
     """``fc.kernel`` (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one kernel
     each: an Elman cell with tanh or relu (CPUs and NVIDIA GPUs) or an LSTM of at most
     ``_LSTM_KERNEL_MAX_HIDDEN`` hidden units (CPUs), float32, one batch axis or none, a
     shape that ``_kernels.fits`` (on GPUs at most ``_kernels.MAX_HIDDEN`` hidden units),
     at least one step and no masked, reset or cut steps; else ``None``. ``others`` (the
-    input weights and bias) must be float32 too. (The backward pass asks again with
-    ``d_pre`` for ``xs``: the same answer as the forward pass's.)"""
+    input weights and bias) must be float32 too. A call that is not ``differentiated``
+    takes the forward kernel at any hidden size (``Loops.max_hidden``). (The backward
+    pass asks again with ``d_pre`` for ``xs``: the same answer as the forward pass's.)"""
     if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim not in (2, 3)
             or xs.shape[0] == 0):
         return None
@@ -654,7 +661,9 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, .
     carry = jax.tree.leaves(carry0)
     batch = xs.shape[1:-1]  # () or (B,)
     hidden = fc.hidden(carry0).shape[-1]
-    if hidden == 0 or (fc.kernel.max_hidden is not None and hidden > fc.kernel.max_hidden):
+    too_wide = (differentiated and fc.kernel.max_hidden is not None
+                and hidden > fc.kernel.max_hidden)
+    if hidden == 0 or too_wide:
         return None
     arrays = (xs, *carry, w, *(a for a in others if a is not None))
     ok = (all(c.shape == batch + (hidden,) for c in carry)

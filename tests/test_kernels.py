@@ -242,6 +242,9 @@ def test_kernels_only_where_they_apply(setup, request, what, cell, kw):
         return jnp.sum(jnp.sin(jax_rnn.unroll(cell, p, xs, **kw)[1].state))
 
     assert _uses_kernel(jax.grad(loss), params) == eligible
+    if what == "LSTM over its max hidden" and setup == "native":
+        # ... where a call that is not differentiated runs the forward kernel
+        assert _kernel_calls(loss, params) == 1
 
 
 def test_kernels_mode_from_the_environment(monkeypatch):
@@ -534,6 +537,12 @@ def test_cpu_lstm_kernel_values_and_gradients(native, steps, batch, inputs, hidd
 ])
 def test_cpu_lstm_kernel_edge_cases(native, steps, batch, hidden, reverse, biases):
     _check_lstm(steps, batch, 2, hidden, 1.0, reverse, seed=21, biases=biases)
+
+
+def test_cpu_lstm_kernel_forward_only_when_wide(native):
+    """Over 128 hidden units an LSTM's differentiated calls run XLA's loops and the rest
+    the forward kernel (a tail panel of 2 units here): values against the reference."""
+    _check_lstm(3, 4, 2, 130, 1.0, True, seed=25, kernels_run=(1, 0))
 
 
 def test_cpu_lstm_kernel_backward_in_chunks(native, monkeypatch):
