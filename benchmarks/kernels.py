@@ -80,8 +80,9 @@ def _compile(variant: str, cell: Any, hidden: int, params: Any,
         fwd = jax.jit(forward).lower(params, xs).compile()
         grad = jax.jit(jax.grad(loss)).lower(params, xs).compile()
         jax.block_until_ready((fwd(params, xs), grad(params, xs)))
-        jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params, xs))
-        uses = "pallas_call" in jaxpr or "target_name=jax_rnn_" in jaxpr
+        uses = tuple(any(k in str(jax.make_jaxpr(f)(params, xs))
+                             for k in ("pallas_call", "target_name=jax_rnn_"))
+                     for f in (forward, jax.grad(loss)))  # (forward, forward+backward)
         return (fwd, grad), uses, time.perf_counter() - start
     finally:
         for knob, value in saved.items():

@@ -49,9 +49,10 @@ reset or cut steps) run as one kernel each instead of XLA's while loops
 (:mod:`jax_rnn._kernels`): on an NVIDIA GPU Pallas kernels (at most 128 hidden units;
 the forward kernel after the hoisted projection), on a CPU C++ kernels
 (:mod:`jax_rnn._native`; the forward kernel projects each step's input itself). On a
-CPU an LSTM's loops do too, under the same conditions (:class:`Loops`); they take
-precedence over its compact path. The contractions after the backward loop are XLA's,
-as for the other cells.
+CPU an LSTM's loops do too, under the same conditions (:class:`Loops`; differentiated
+calls up to ``_LSTM_KERNEL_MAX_HIDDEN`` hidden units, the forward loop alone at any
+size); they take precedence over its compact path. The contractions after the backward
+loop are XLA's, as for the other cells.
 
 Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``: use
 ``unroll(..., impl="scan")`` for it (reverse-over-reverse works on both).
@@ -85,13 +86,17 @@ class Tape(NamedTuple):
     Attributes:
         h_in: each step's input hidden state (after any reset), or ``None`` where no
             step is masked: the backward pass then rebuilds it from ``state``.
-        pre: the public pre-activations (zero at masked steps).
+        pre: the public pre-activations (zero at masked steps); ``None`` in the
+            residuals of a forward pass that ran as a kernel (:class:`Loops`), whose
+            backward pass does not read them (how the backward pass tells).
         state: the public states (zero at masked steps).
-        gates: the cell's activations, the third result of its ``pointwise``.
+        gates: the cell's activations, the third result of its ``pointwise``; after a
+            kernel, what its backward kernel reads (the LSTM's: ``_kernels.LstmTape``;
+            the Elman cell's: ``()``).
     """
 
     h_in: Array | None
-    pre: Array
+    pre: Array | None
     state: Array
     gates: Any
 
@@ -447,13 +452,14 @@ def _lstm_loops_backward(reverse: bool, w: Array, tape: Tape, d_carry: LSTMState
 
 _LSTM_KERNEL_MAX_HIDDEN = 128
 """The widest LSTM whose differentiated calls run the C++ kernels. Measured on 2 cores
-against XLA's loops, in one process (forward+backward medians): faster at 32, 64 and 128
-hidden units (1.2 against 2.8 ms at T=1000, B=1; 169 against 260 ms at T=1000, B=32,
-H=128), slower at 512 (1081 against 789 ms at T=200, B=64, with a wide spread: 657-1411
-ms; the backward kernel's product is the slow part); 256 was not measured. Wider LSTMs
-run XLA's loops there (whose per-step products XLA shares between cores). The forward
-kernel alone was as fast or faster at 512 (221 against 268 ms, 251 against 261 ms), so
-a call that is not differentiated runs it at any size."""
+against XLA's loops, in one process (docs/performance.md, "The LSTM's loops as C++
+kernels"): forward+backward faster at 32, 64 and 128 hidden units (1.18-1.79x), slower
+at 512 (1081 against 789 ms at T=200, B=64, medians, with a wide spread: 657-1411 ms, in
+a build that still asked for huge pages; 1614 against 812 ms in two bench runs; the
+backward kernel's product is the slow part); 256 was not measured. Wider LSTMs run
+XLA's loops there (whose per-step products XLA shares between cores). The forward
+kernel alone was as fast or faster at 512 (221 against 268 ms, 251 against 261 ms), so a
+call that is not differentiated runs it at any size."""
 
 
 _LSTM = FusedCell(
@@ -635,9 +641,10 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
                      differentiated=False)
     if kernel is not None:
         final, tape = kernel.forward(False, reverse, w_in, b_in, w, xs, carry0)
-        return final, tape.pre, tape.state
-    final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
-                           residuals=False, projection=(w_in, b_in))
+    else:
+        final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
+                               residuals=False, projection=(w_in, b_in))
+    assert tape.pre is not None  # only the residuals of a kernel's tape leave them out
     return final, tape.pre, tape.state
 
 
@@ -650,8 +657,7 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, .
     shape that ``_kernels.fits`` (on GPUs at most ``_kernels.MAX_HIDDEN`` hidden units),
     at least one step and no masked, reset or cut steps; else ``None``. ``others`` (the
     input weights and bias) must be float32 too. A call that is not ``differentiated``
-    takes the forward kernel at any hidden size (``Loops.max_hidden``). (The backward
-    pass asks again with ``d_pre`` for ``xs``: the same answer as the forward pass's.)"""
+    takes the forward kernel at any hidden size (``Loops.max_hidden``)."""
     if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim not in (2, 3)
             or xs.shape[0] == 0):
         return None
@@ -741,9 +747,8 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
         if tape_c.h_in is None:
             tape_c = tape_c._replace(h_in=_previous(tape_c.state, h0, resets_c, reverse, edge,
                                                     cut_c))
-        # The forward loop ran as a kernel too: ``_kernel`` gives the same answer for
-        # ``d_pre`` as for ``xs``.
-        kernel = _kernel(fc, d_pre_c, carry[0], w, (valid_c, keep_c, to_carry0_c))
+        # The forward loop ran as a kernel exactly where it left ``pre`` out of the tape.
+        kernel = fc.kernel if tape_c.pre is None else None
         carry, d_out = _fused_loop_back(fc, kernel, reverse, unroll, w, valid_c, keep_c,
                                         to_carry0_c, tape_c, carry, d_pre_c, d_state_c)
         return carry, _param_grads(fc, params, xs_c, tape_c, tape_c.h_in, d_out,

@@ -213,11 +213,11 @@ std::vector<float> PackPanels(std::initializer_list<std::pair<const float*, int6
   return packed;
 }
 
-// The columns of a matrix of `cols` columns in order: panel p's vector q is columns
-// 16 (G p + q) on (for PackPanels).
-inline auto InOrder(int64_t cols, int G) {
-  return [cols, G](int64_t p, int q) {
-    const int64_t c = (p * G + q) * kLanes;
+// The columns of a matrix of `cols` columns in order, for panels of one vector: panel p
+// is columns 16 p on (for PackPanels).
+inline auto InOrder(int64_t cols) {
+  return [cols](int64_t p, int q) {
+    const int64_t c = (p + q) * kLanes;
     return std::pair<int64_t, int64_t>{c, std::clamp<int64_t>(cols - c, 0, kLanes)};
   };
 }
@@ -255,17 +255,17 @@ inline void StoreN(float* p, Vec v, int n) {
   if (n == kLanes) Store(p, v); else StorePart(p, v, n);
 }
 
-// Rows per block of a product with G vectors per panel: 8 x 1 accumulator vectors, or
-// 6 x 4 (with the 4 weight vectors of a step in k, within AVX-512's 32 registers; 4 x 4
+// Rows per block of a product with G vectors per panel (1 or 4): 8 x 1 accumulator
+// vectors, or 6 x 4 (with the 4 weight vectors of a step in k, within AVX-512's 32 registers; 4 x 4
 // made the LSTM's forward loop 1.5x slower at T=1000, B=32, H=128). Without AVX-512 a
 // vector takes 2 or 4 registers, and the blocks are smaller (not measured: this
 // project's machines have AVX-512).
 #if defined(__AVX512F__)
 template <int G>
-constexpr int kBlockRows = G <= 2 ? 8 : 6;
+constexpr int kBlockRows = G == 1 ? 8 : 6;
 #else
 template <int G>
-constexpr int kBlockRows = G <= 2 ? 4 : 2;
+constexpr int kBlockRows = G == 1 ? 4 : 2;
 #endif
 
 // One panel m of G vectors of a step's product (PackPanels' layout: x's depth rows, then
@@ -285,22 +285,22 @@ void WidePanel(Rows x, Rows h, const float* m, int64_t batch, const Start& start
 }
 
 // Runs a loop whose steps each multiply rows by the stacked matrices `parts` (each
-// (rows, cols)), in panels of G vectors of 16 columns: panel(m, step, p) computes panel p
-// of a step, m its packed weights (PackPanels, columns in order). The kernels use G = 1:
-// panels of 2 or 4 vectors made the Elman cell's loops no faster in an A/B in one
+// (rows, cols)), in panels of one vector of 16 columns: panel(m, step, p) computes panel
+// p of a step, m its packed weights (PackPanels, columns in order). Panels of 2 or 4
+// vectors made the Elman cell's loops no faster in an A/B in one
 // process, and forward+backward up to 20% slower (T=1000, B=32, H=128: 59.2 ms with 1,
 // 62.3 with 2, 64.4 with 4 vectors; T=200, B=64, H=512: 208, 232, 248 ms), and the LSTM's
 // backward loop at H=128 (202 against 232 ms with 4).
-template <int G, typename Panel>
+template <typename Panel>
 void RunProduct(ffi::ThreadPool& pool, int64_t steps, int64_t cols,
                 std::initializer_list<std::pair<const float*, int64_t>> parts,
                 int64_t step_work, const Panel& panel) {
-  const int64_t panels = (cols + G * kLanes - 1) / (G * kLanes);
+  const int64_t panels = (cols + kLanes - 1) / kLanes;
   int64_t depth = 0;
   for (const auto& part : parts) depth += part.second;
-  const std::vector<float> packed = PackPanels(parts, cols, panels, G, InOrder(cols, G));
+  const std::vector<float> packed = PackPanels(parts, cols, panels, 1, InOrder(cols));
   Run(pool, steps, panels, step_work, [&](int64_t step, int64_t p) {
-    panel(packed.data() + p * depth * G * kLanes, step, p);
+    panel(packed.data() + p * depth * kLanes, step, p);
   });
 }
 

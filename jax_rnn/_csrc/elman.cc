@@ -69,7 +69,7 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
     WidePanel<1>(Rows{xs_p + t * batch * inputs, inputs}, Rows{prev, hidden}, m, batch, start,
                  finish);
   };
-  RunProduct<1>(pool, length, hidden, {{w_in.typed_data(), inputs}, {w.typed_data(), hidden}},
+  RunProduct(pool, length, hidden, {{w_in.typed_data(), inputs}, {w.typed_data(), hidden}},
              batch * (inputs + hidden) * hidden, panel);
   return ffi::Error::Success();
 }
@@ -139,7 +139,7 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
     };
     WidePanel<1>(Rows{nullptr, 0}, Rows{source, hidden}, m, batch, start, finish);
   };
-  RunProduct<1>(pool, length, hidden, {{w_t.typed_data(), hidden}}, batch * hidden * hidden,
+  RunProduct(pool, length, hidden, {{w_t.typed_data(), hidden}}, batch * hidden * hidden,
              panel);
   return ffi::Error::Success();
 }

@@ -191,8 +191,8 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
     };
     WidePanel<1>(Rows{nullptr, 0}, Rows{source, width}, m, batch, start, finish);
   };
-  RunProduct<1>(pool, length, hidden, {{w_t.typed_data(), width}}, batch * width * hidden,
-                panel);
+  RunProduct(pool, length, hidden, {{w_t.typed_data(), width}}, batch * width * hidden,
+             panel);
   return ffi::Error::Success();
 }
 
