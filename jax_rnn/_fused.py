@@ -313,15 +313,8 @@ def _lstm_prepare(tape: Tape, d_pre: Array, d_state: Array) -> Any:
 
 def _lstm_step_back(w_t: Array, inputs: Any, d_new: LSTMState) -> tuple[Array, LSTMState]:
     (i, f, o, c), g, d_pre, d_state = inputs
-    # tanh(g) and tanh(c') again rather than two more arrays kept per step
-    tg = jnp.tanh(g)
-    tc = jnp.tanh(f * c + i * tg)
-    d_h = d_new.h + d_state
-    d_c = d_new.c + d_h * o * (1.0 - tc * tc)
-    d_a = jnp.concatenate([d_c * tg * i * (1.0 - i), d_c * c * f * (1.0 - f),
-                           d_c * i * (1.0 - tg * tg) + d_pre, d_h * tc * o * (1.0 - o)],
-                          axis=-1)
-    return d_a, LSTMState(d_a @ w_t, d_c * f)
+    d_a, d_carry = _kernels.lstm_step_back(w_t, g, i, f, o, c, d_pre, d_state, *d_new)
+    return d_a, LSTMState(*d_carry)
 
 
 # The compact paths for one sequence of a small hidden size. XLA's CPU runtime runs a

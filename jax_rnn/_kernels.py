@@ -407,21 +407,33 @@ def _lstm_forward_native(tape: bool, reverse: bool, xs: Array, w_in: Array, b: A
         xs, w_in, bias, w, h0, c0)
 
 
+def lstm_step_back(w_t: Array, g: Array, i: Array, f: Array, o: Array, c_prev: Array,
+                   d_pre: Array, d_state: Array, d_h_next: Array,
+                   d_c_next: Array) -> tuple[Array, tuple[Array, Array]]:
+    """One step of an LSTM's backward loop (also the fused path's): ``(d_a, (d_h, d_c))``,
+    the gates' pre-activation gradients and the step's input carry's, from its tape
+    (``g``, the sigmoid gates, the input cell state), the cotangents of its public
+    pre-activation and state, and the output carry's. ``tanh(g)`` and ``tanh(c_t)`` are
+    evaluated again rather than kept."""
+    tg = jnp.tanh(g)
+    tc = jnp.tanh(f * c_prev + i * tg)
+    d_h = d_h_next + d_state
+    d_c = d_c_next + d_h * o * (1.0 - tc * tc)
+    d_a = jnp.concatenate([d_c * tg * i * (1.0 - i), d_c * c_prev * f * (1.0 - f),
+                           d_c * i * (1.0 - tg * tg) + d_pre, d_h * tc * o * (1.0 - o)],
+                          axis=-1)
+    return d_a, (d_a @ w_t, d_c * f)
+
+
 def _lstm_backward_scan(reverse: bool, g: Array, i: Array, f: Array, o: Array, c_in: Array,
                         d_state: Array, d_pre: Array, w_t: Array, d_h: Array,
                         d_c: Array) -> tuple[Array, Array, Array]:
     """``lstm_backward`` written with ``lax.scan``: its tangents, and the reference."""
     def body(carry: tuple[Array, Array], xs: tuple[Array, ...]) -> tuple[Any, Array]:
-        d_h_next, d_c_next = carry
         g_t, i_t, f_t, o_t, c_prev, d_state_t, d_pre_t = xs
-        tg = jnp.tanh(g_t)
-        tc = jnp.tanh(f_t * c_prev + i_t * tg)
-        d_h = d_h_next + d_state_t
-        d_c = d_c_next + d_h * o_t * (1.0 - tc * tc)
-        d_a = jnp.concatenate([d_c * tg * i_t * (1.0 - i_t), d_c * c_prev * f_t * (1.0 - f_t),
-                               d_c * i_t * (1.0 - tg * tg) + d_pre_t,
-                               d_h * tc * o_t * (1.0 - o_t)], axis=-1)
-        return (d_a @ w_t, d_c * f_t), d_a
+        d_a, carry = lstm_step_back(w_t, g_t, i_t, f_t, o_t, c_prev, d_pre_t, d_state_t,
+                                    *carry)
+        return carry, d_a
 
     (d_h0, d_c0), d_a = jax.lax.scan(body, (d_h, d_c), (g, i, f, o, c_in, d_state, d_pre),
                                      reverse=not reverse)

@@ -256,10 +256,10 @@ inline void StoreN(float* p, Vec v, int n) {
 }
 
 // Rows per block of a product with G vectors per panel (1 or 4): 8 x 1 accumulator
-// vectors, or 6 x 4 (with the 4 weight vectors of a step in k, within AVX-512's 32 registers; 4 x 4
-// made the LSTM's forward loop 1.5x slower at T=1000, B=32, H=128). Without AVX-512 a
-// vector takes 2 or 4 registers, and the blocks are smaller (not measured: this
-// project's machines have AVX-512).
+// vectors, or 6 x 4 (with the 4 weight vectors of a step in k, within AVX-512's 32
+// registers; 4 x 4 made the LSTM's forward loop 1.5x slower at T=1000, B=32, H=128).
+// Without AVX-512 a vector takes 2 or 4 registers, and the blocks are smaller (not
+// measured: this project's machines have AVX-512).
 #if defined(__AVX512F__)
 template <int G>
 constexpr int kBlockRows = G == 1 ? 8 : 6;
@@ -287,8 +287,8 @@ void WidePanel(Rows x, Rows h, const float* m, int64_t batch, const Start& start
 // Runs a loop whose steps each multiply rows by the stacked matrices `parts` (each
 // (rows, cols)), in panels of one vector of 16 columns: panel(m, step, p) computes panel
 // p of a step, m its packed weights (PackPanels, columns in order). Panels of 2 or 4
-// vectors made the Elman cell's loops no faster in an A/B in one
-// process, and forward+backward up to 20% slower (T=1000, B=32, H=128: 59.2 ms with 1,
+// vectors made the Elman cell's loops no faster in an A/B in one process, and
+// forward+backward up to 20% slower (T=1000, B=32, H=128: 59.2 ms with 1,
 // 62.3 with 2, 64.4 with 4 vectors; T=200, B=64, H=512: 208, 232, 248 ms), and the LSTM's
 // backward loop at H=128 (202 against 232 ms with 4).
 template <typename Panel>
@@ -302,6 +302,35 @@ void RunProduct(ffi::ThreadPool& pool, int64_t steps, int64_t cols,
   Run(pool, steps, panels, step_work, [&](int64_t step, int64_t p) {
     panel(packed.data() + p * depth * kLanes, step, p);
   });
+}
+
+// The backward loop of a cell, in the backward order of its steps s = 0, ..., length - 1:
+// gate(s, r, j, n, d) turns the cotangent d of step s's output state (row r, columns
+// j..j+n-1) into that step's pre-activation gradients, which source(s) holds by rows
+// (`depth` of them a row) once every panel of step s - 1 is done; d_final gives step 0's
+// d, the product source(s) @ w_t (w_t: (depth, hidden)) step s + 1's, and after the last
+// step it is d_h0.
+template <typename Source, typename Gate>
+void RunBackward(ffi::ThreadPool& pool, int64_t length, int64_t batch, int64_t hidden,
+                 int64_t depth, const float* w_t, const float* d_final, float* d_h0,
+                 const Source& source, const Gate& gate) {
+  for (int64_t r = 0; r < batch; ++r) {
+    for (int64_t j = 0; j < hidden; j += kLanes) {
+      const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
+      gate(0, r, j, n, LoadN(d_final + r * hidden + j, n));
+    }
+  }
+  auto panel = [&](const float* m, int64_t step, int64_t p) {
+    const int64_t j = p * kLanes;
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
+    auto start = [](int64_t, auto& acc) { acc[0] = Vec{}; };
+    auto finish = [&](int64_t r, auto& acc) {
+      if (step + 1 < length) gate(step + 1, r, j, n, acc[0]);
+      else StoreN(d_h0 + r * hidden + j, acc[0], n);
+    };
+    WidePanel<1>(Rows{nullptr, 0}, Rows{source(step), depth}, m, batch, start, finish);
+  };
+  RunProduct(pool, length, hidden, {{w_t, depth}}, batch * depth * hidden, panel);
 }
 
 // Whether `dims` is `want` (-1: any), else an error naming the kernel and the operand.

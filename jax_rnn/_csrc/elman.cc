@@ -57,13 +57,10 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
     const int64_t t = reverse ? length - 1 - step : step;
     const float* prev = step == 0 ? h0.typed_data() : h_p + (reverse ? t + 1 : t - 1) * size;
     float* h_t = h_p + t * size;
-    auto start = [&](int64_t, auto& acc) {
-      const int64_t j = p * kLanes;
-      acc[0] = LoadN(b_p + j, static_cast<int>(std::min<int64_t>(kLanes, hidden - j)));
-    };
+    const int64_t j = p * kLanes;
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
+    auto start = [&](int64_t, auto& acc) { acc[0] = LoadN(b_p + j, n); };
     auto finish = [&](int64_t r, auto& acc) {
-      const int64_t j = p * kLanes;
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
       StoreN(h_t + r * hidden + j, activation == kTanh ? Tanh(acc[0]) : Relu(acc[0]), n);
     };
     WidePanel<1>(Rows{xs_p + t * batch * inputs, inputs}, Rows{prev, hidden}, m, batch, start,
@@ -121,26 +118,9 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
     float* out = dgt_p + (j * length + t) * batch + r;
     for (int i = 0; i < n; ++i) out[i * length * batch] = g[i];
   };
-  for (int64_t r = 0; r < batch; ++r) {
-    for (int64_t j = 0; j < hidden; j += kLanes) {
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
-      gate(0, r, j, n, LoadN(d_final.typed_data() + r * hidden + j, n));
-    }
-  }
-  float* dh0_p = d_h0->typed_data();
-  auto panel = [&](const float* m, int64_t step, int64_t p) {
-    const float* source = scratch.data() + (step % 2) * size;
-    auto start = [](int64_t, auto& acc) { acc[0] = Vec{}; };
-    auto finish = [&](int64_t r, auto& acc) {
-      const int64_t j = p * kLanes;
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
-      if (step + 1 < length) gate(step + 1, r, j, n, acc[0]);
-      else StoreN(dh0_p + r * hidden + j, acc[0], n);
-    };
-    WidePanel<1>(Rows{nullptr, 0}, Rows{source, hidden}, m, batch, start, finish);
-  };
-  RunProduct(pool, length, hidden, {{w_t.typed_data(), hidden}}, batch * hidden * hidden,
-             panel);
+  auto source = [&](int64_t step) { return scratch.data() + (step % 2) * size; };
+  RunBackward(pool, length, batch, hidden, hidden, w_t.typed_data(), d_final.typed_data(),
+              d_h0->typed_data(), source, gate);
   return ffi::Error::Success();
 }
 

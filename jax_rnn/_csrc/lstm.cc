@@ -174,25 +174,9 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
     StoreN(out + 2 * hidden, dc * ig * (1.0f - tg * tg) + LoadN(dp_p + at, n), n);
     StoreN(out + 3 * hidden, dh * tc * og * (1.0f - og), n);
   };
-  for (int64_t r = 0; r < batch; ++r) {
-    for (int64_t j = 0; j < hidden; j += kLanes) {
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
-      gate(0, r, j, n, LoadN(d_h.typed_data() + r * hidden + j, n));
-    }
-  }
-  auto panel = [&](const float* m, int64_t step, int64_t p) {
-    const float* source = da_p + order(step) * batch * width;
-    auto start = [](int64_t, auto& acc) { acc[0] = Vec{}; };
-    auto finish = [&](int64_t r, auto& acc) {
-      const int64_t j = p * kLanes;
-      const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
-      if (step + 1 < length) gate(step + 1, r, j, n, acc[0]);
-      else StoreN(dh0_p + r * hidden + j, acc[0], n);
-    };
-    WidePanel<1>(Rows{nullptr, 0}, Rows{source, width}, m, batch, start, finish);
-  };
-  RunProduct(pool, length, hidden, {{w_t.typed_data(), width}}, batch * width * hidden,
-             panel);
+  auto source = [&](int64_t step) { return da_p + order(step) * batch * width; };
+  RunBackward(pool, length, batch, hidden, width, w_t.typed_data(), d_h.typed_data(), dh0_p,
+              source, gate);
   return ffi::Error::Success();
 }
 
