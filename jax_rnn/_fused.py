@@ -17,7 +17,10 @@ Here, as in cuDNN,
    On CPUs, where the steps' tape is large, the backward pass runs over chunks of
    consecutive steps instead, each a loop followed by its own contractions, so that the
    chunk's gate gradients are still in the cache when the contractions read them
-   (``_by_chunks``).
+   (``_by_chunks``). The ``custom_vjp`` takes symbolic zeros: where a loss does not read
+   the pre-activations or the states (most losses leave one of them out), their
+   cotangents stay ``None`` rather than ``(T, *batch, H)`` arrays of zeros, and the
+   backward loops add nothing for them.
 
 Each cell is split into its recurrent matrix product and a ``pointwise`` part
 ``(gx_t, gh_t, carry) -> (carry, pre_activation, gates)``. The differentiated forward
@@ -73,6 +76,7 @@ from jax import Array
 from . import _kernels
 from ._elman import ElmanParams
 from ._gru import GRUParams, gru_step
+from ._kernels import plus as _plus
 from ._kernels import project as _project
 from ._lstm import LSTMParams, LSTMState, lstm_step
 from ._masks import bcast as _bcast
@@ -204,16 +208,16 @@ def _vjp_back(activation: Callable[[Array], Array]) -> Callable[[Array, Array], 
     return lambda pre, d_h: jax.vjp(activation, pre)[1](d_h)[0]
 
 
-def _elman_prepare(saved: str) -> Callable[[Tape, Array, Array], Any]:
+def _elman_prepare(saved: str) -> Callable[[Tape, Array | None, Array | None], Any]:
     """Backward-loop inputs: the tape's ``saved`` field (what ``back`` reads) and the
-    cotangents of the public pre-activations and states."""
+    cotangents of the public pre-activations and states (``None`` where zero)."""
     return lambda tape, d_pre, d_state: (getattr(tape, saved), d_pre, d_state)
 
 
 def _elman_step_back(back: Callable[[Array, Array], Array]) -> Callable[..., Any]:
     def step_back(w_t: Array, inputs: Any, d_new: Array) -> tuple[Array, Array]:
         saved, d_pre, d_state = inputs
-        d_g = back(saved, d_new + d_state) + d_pre
+        d_g = _plus(back(saved, _plus(d_new, d_state)), d_pre)
         return d_g, d_g @ w_t
 
     return step_back
@@ -248,8 +252,8 @@ def _elman_loops(pair: _kernels.Kernel) -> Loops:
         pre, state = _kernels.forward(pair, reverse, xs, w_in, b_in, w, carry0)
         return state[0 if reverse else -1], Tape(None, pre, state, ())
 
-    def backward(reverse: bool, w: Array, tape: Tape, d_carry: Array, d_pre: Array,
-                 d_state: Array) -> tuple[Array, Array]:
+    def backward(reverse: bool, w: Array, tape: Tape, d_carry: Array, d_pre: Array | None,
+                 d_state: Array | None) -> tuple[Array, Array]:
         d_out, d_carry = _kernels.backward(pair, reverse, tape.state, d_state, d_pre, w.T,
                                            d_carry)
         return d_carry, d_out
@@ -271,14 +275,14 @@ def _gru_pointwise(gx: Array, gh: Array, h: Array) -> tuple[Array, Array, Any]:
     return (1.0 - z) * n + z * h, pre, (r, z, n, h_n)
 
 
-def _gru_prepare(tape: Tape, d_pre: Array, d_state: Array) -> Any:
+def _gru_prepare(tape: Tape, d_pre: Array | None, d_state: Array | None) -> Any:
     return tape.gates, tape.h_in, d_pre, d_state
 
 
 def _gru_step_back(w_t: Array, inputs: Any, d_new: Array) -> tuple[Array, Array]:
     (r, z, n, h_n), h, d_pre, d_state = inputs
-    d_h = d_new + d_state
-    d_pre = d_h * (1.0 - z) * (1.0 - n * n) + d_pre
+    d_h = _plus(d_new, d_state)
+    d_pre = _plus(d_h * (1.0 - z) * (1.0 - n * n), d_pre)
     d_r = d_pre * h_n * r * (1.0 - r)
     d_z = d_h * (h - n) * z * (1.0 - z)
     d_gh = jnp.concatenate([d_r, d_z, d_pre * r], axis=-1)
@@ -307,7 +311,7 @@ def _lstm_pointwise(gx: Array, gh: Array, carry: LSTMState) -> tuple[LSTMState, 
     return LSTMState(o * jnp.tanh(c), c), jnp.split(a, 4, axis=-1)[2], (i, f, o, carry.c)
 
 
-def _lstm_prepare(tape: Tape, d_pre: Array, d_state: Array) -> Any:
+def _lstm_prepare(tape: Tape, d_pre: Array | None, d_state: Array | None) -> Any:
     return tape.gates, tape.pre, d_pre, d_state
 
 
@@ -389,8 +393,8 @@ def _lstm_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: 
 
 
 def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: CompactTape,
-                           d_final: LSTMState, d_pre: Array,
-                           d_state: Array) -> tuple[Array, LSTMState, Array]:
+                           d_final: LSTMState, d_pre: Array | None,
+                           d_state: Array | None) -> tuple[Array, LSTMState, Array]:
     """``(d_a, d_carry0, h_in)``: the pre-activations' gradients of every step, the
     initial carry's gradient and each step's input state.
 
@@ -400,6 +404,8 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
     of ``d h`` and ``d c`` in these are computed before the loop, for all steps at once.
     """
     hidden, carry0 = tape.c.shape[-1], tape.carry0
+    # Zero cotangents (None) as zeros: one short row of steps, packed with the rest.
+    d_state, d_pre = (jnp.zeros_like(tape.c) if d is None else d for d in (d_state, d_pre))
     i, f, g, o = jnp.split(tape.gates, 4, axis=-1)
     tg = jnp.tanh(g)
     c_in = _previous(tape.c, carry0.c, None, reverse)
@@ -437,7 +443,7 @@ def _lstm_loops_forward(residuals: bool, reverse: bool, w_in: Array, b_in: Array
 
 
 def _lstm_loops_backward(reverse: bool, w: Array, tape: Tape, d_carry: LSTMState,
-                         d_pre: Array, d_state: Array) -> tuple[LSTMState, Array]:
+                         d_pre: Array | None, d_state: Array | None) -> tuple[LSTMState, Array]:
     d_a, d_h0, d_c0 = _kernels.lstm_backward(reverse, *tape.gates, d_state, d_pre, w.T,
                                              d_carry.h, d_carry.c)
     return LSTMState(d_h0, d_c0), d_a
@@ -681,7 +687,10 @@ def _project_per_step() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def _fused_fwd(fc, reverse, unroll, compact, w_in, b_in, w, b, xs, carry0, valid, resets, cut):  # noqa: ANN001
+def _fused_fwd(fc, reverse, unroll, compact, *args):  # noqa: ANN001
+    # symbolic_zeros (defvjp below): each array comes with whether it is perturbed.
+    w_in, b_in, w, b, xs, carry0, valid, resets, cut = (
+        jax.custom_derivatives.custom_vjp_primal_tree_values(args))
     kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in))
     compact_forward = (_compact(fc, xs, carry0, (valid, resets, cut))
                        if compact and kernel is None else None)
@@ -719,9 +728,27 @@ def _carry_masks(resets: Array | None, cut: Array | None) -> tuple[Array | None,
     return ~(cut | resets), resets & ~cut
 
 
+def _nonzero(cotangent: Any) -> Array | None:
+    """An output's cotangent, ``None`` where JAX knows it is zero (a symbolic zero: the
+    loss does not read that output, as the public pre-activations in most losses)."""
+    return None if isinstance(cotangent, jax.custom_derivatives.SymbolicZero) else cotangent
+
+
+def _instantiated(cotangent: Any) -> Array:
+    """An output's cotangent as an array (of zeros for a symbolic zero)."""
+    if isinstance(cotangent, jax.custom_derivatives.SymbolicZero):
+        aval = cotangent.aval
+        return jnp.zeros(aval.shape, aval.dtype)  # type: ignore[attr-defined]
+    return cotangent
+
+
 def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
     w_in, b_in, w, b, xs, valid, resets, cut, tape, h0 = res
     d_final, d_pre, d_state = cotangents
+    # Zero cotangents of the (T, *batch, H) outputs stay None, never arrays of zeros: the
+    # loops add nothing for them. The final carry's (small) are made arrays.
+    d_pre, d_state = _nonzero(d_pre), _nonzero(d_state)
+    d_final = jax.tree.map(_instantiated, d_final)
     params = (w_in, b_in, w, b)
     if isinstance(tape, CompactTape):
         d_out, d_carry0, h_in = _lstm_compact_backward(reverse, unroll, w, tape, d_final,
@@ -893,7 +920,7 @@ def _fused_loop_back(fc, kernel, reverse, unroll, w, valid, keep, to_carry0, tap
                         unroll=unroll)
 
 
-fused_recurrence.defvjp(_fused_fwd, _fused_bwd)
+fused_recurrence.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def fused_unroll(

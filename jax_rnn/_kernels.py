@@ -229,6 +229,12 @@ def _backward_kernel(back: Callable[[Array, Array], Array], reverse: bool, hoist
     d_h0_ref[...] = jax.lax.fori_loop(0, length, body, d_final_ref[...])  # type: ignore[index]
 
 
+def plus(a: Array, b: Array | None) -> Array:
+    """``a + b``, where ``b`` may be ``None``: a cotangent known to be zero (the public
+    pre-activations or states of a loss that does not read them), added as nothing."""
+    return a if b is None else a + b
+
+
 def project(xs: Array, w_in: Array, b: Array | None) -> Array:
     """The input projection of every step, ``xs @ w_in + b`` (also the fused path's)."""
     gx = xs @ w_in
@@ -246,12 +252,12 @@ def _forward_scan(kernel: Kernel, reverse: bool, xs: Array, w_in: Array, b: Arra
     return jax.lax.scan(body, h0, project(xs, w_in, b), reverse=reverse)[1]
 
 
-def _backward_scan(kernel: Kernel, reverse: bool, h: Array, d_state: Array, d_pre: Array,
-                   w_t: Array, d_final: Array) -> tuple[Array, Array]:
+def _backward_scan(kernel: Kernel, reverse: bool, h: Array, d_state: Array | None,
+                   d_pre: Array | None, w_t: Array, d_final: Array) -> tuple[Array, Array]:
     """``backward`` written with ``lax.scan``: its tangents, and the reference."""
-    def body(d_h: Array, xs: tuple[Array, Array, Array]) -> tuple[Array, Array]:
+    def body(d_h: Array, xs: tuple[Array, Any, Any]) -> tuple[Array, Array]:
         h_t, d_state_t, d_pre_t = xs
-        d_g = kernel[1](h_t, d_h + d_state_t) + d_pre_t
+        d_g = plus(kernel[1](h_t, plus(d_h, d_state_t)), d_pre_t)
         return d_g @ w_t, d_g
 
     d_h0, d_g = jax.lax.scan(body, d_final, (h, d_state, d_pre), reverse=not reverse)
@@ -329,11 +335,12 @@ def _forward_rows(activation: Callable[[Array], Array], reverse: bool, xs: Array
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def backward(kernel: Kernel, reverse: bool, h: Array, d_state: Array, d_pre: Array,
-             w_t: Array, d_final: Array) -> tuple[Array, Array]:
+def backward(kernel: Kernel, reverse: bool, h: Array, d_state: Array | None,
+             d_pre: Array | None, w_t: Array, d_final: Array) -> tuple[Array, Array]:
     """``(d_pre_activations, d_h0)``: the backward loop of ``forward``'s recurrence given
-    the states ``h``, the cotangents of the public states and pre-activations, ``w.T`` and
-    the cotangent of the final state, in one kernel (batched or not, as ``forward``)."""
+    the states ``h``, the cotangents of the public states and pre-activations (``None``:
+    zero), ``w.T`` and the cotangent of the final state, in one kernel (batched or not, as
+    ``forward``)."""
     code = ACTIVATIONS.index(kernel[0])
     return _dispatch(
         _as_batch(functools.partial(_backward_rows, kernel[1], reverse), "sssmr", "sr"),
@@ -341,16 +348,31 @@ def backward(kernel: Kernel, reverse: bool, h: Array, d_state: Array, d_pre: Arr
         functools.partial(_backward_scan, kernel, reverse), h, d_state, d_pre, w_t, d_final)
 
 
-def _backward_native(code: int, reverse: bool, *args: Array) -> tuple[Array, Array]:
+def _no_steps(like: Array, *cotangents: Array | None) -> tuple[Array, ...]:
+    """Each cotangent, a zero one (``None``) as an array of no steps (shaped as ``like``
+    but with a leading 0): the C++ kernels read nothing for it."""
+    return tuple(jnp.zeros((0, *like.shape[1:]), like.dtype) if c is None else c
+                 for c in cotangents)
+
+
+def _zeros(like: Array, *cotangents: Array | None) -> tuple[Array, ...]:
+    """Each cotangent, a zero one (``None``) as zeros shaped as ``like``."""
+    return tuple(jnp.zeros_like(like) if c is None else c for c in cotangents)
+
+
+def _backward_native(code: int, reverse: bool, h: Array, d_state: Array | None,
+                     d_pre: Array | None, *rest: Array) -> tuple[Array, Array]:
     """The C++ kernel, its ``d_g^T`` (``(H, T, B)``) transposed back to ``(T, B, H)``:
     XLA folds the transpose into the weight-gradient products that read it."""
-    d_g_t, d_h0 = _as_batch(_native.backward(code, reverse), *_native.BACKWARD_KINDS)(*args)
+    d_g_t, d_h0 = _as_batch(_native.backward(code, reverse), *_native.BACKWARD_KINDS)(
+        h, *_no_steps(h, d_state, d_pre), *rest)
     return jnp.moveaxis(d_g_t, 0, -1), d_h0
 
 
 def _backward_rows(back: Callable[[Array, Array], Array], reverse: bool, h: Array,
-                   d_state: Array, d_pre: Array, w_t: Array,
+                   d_state: Array | None, d_pre: Array | None, w_t: Array,
                    d_final: Array) -> tuple[Array, Array]:
+    d_state, d_pre = _zeros(h, d_state, d_pre)
     length, batch, hidden = h.shape
     cols = _padded(hidden)
     kernel = functools.partial(_backward_kernel, back, reverse, cols <= _HOIST_MAX)
@@ -408,28 +430,28 @@ def _lstm_forward_native(tape: bool, reverse: bool, xs: Array, w_in: Array, b: A
 
 
 def lstm_step_back(w_t: Array, g: Array, i: Array, f: Array, o: Array, c_prev: Array,
-                   d_pre: Array, d_state: Array, d_h_next: Array,
+                   d_pre: Array | None, d_state: Array | None, d_h_next: Array,
                    d_c_next: Array) -> tuple[Array, tuple[Array, Array]]:
     """One step of an LSTM's backward loop (also the fused path's): ``(d_a, (d_h, d_c))``,
     the gates' pre-activation gradients and the step's input carry's, from its tape
     (``g``, the sigmoid gates, the input cell state), the cotangents of its public
-    pre-activation and state, and the output carry's. ``tanh(g)`` and ``tanh(c_t)`` are
-    evaluated again rather than kept."""
+    pre-activation and state (``None``: zero), and the output carry's. ``tanh(g)`` and
+    ``tanh(c_t)`` are evaluated again rather than kept."""
     tg = jnp.tanh(g)
     tc = jnp.tanh(f * c_prev + i * tg)
-    d_h = d_h_next + d_state
+    d_h = plus(d_h_next, d_state)
     d_c = d_c_next + d_h * o * (1.0 - tc * tc)
     d_a = jnp.concatenate([d_c * tg * i * (1.0 - i), d_c * c_prev * f * (1.0 - f),
-                           d_c * i * (1.0 - tg * tg) + d_pre, d_h * tc * o * (1.0 - o)],
+                           plus(d_c * i * (1.0 - tg * tg), d_pre), d_h * tc * o * (1.0 - o)],
                           axis=-1)
     return d_a, (d_a @ w_t, d_c * f)
 
 
 def _lstm_backward_scan(reverse: bool, g: Array, i: Array, f: Array, o: Array, c_in: Array,
-                        d_state: Array, d_pre: Array, w_t: Array, d_h: Array,
+                        d_state: Array | None, d_pre: Array | None, w_t: Array, d_h: Array,
                         d_c: Array) -> tuple[Array, Array, Array]:
     """``lstm_backward`` written with ``lax.scan``: its tangents, and the reference."""
-    def body(carry: tuple[Array, Array], xs: tuple[Array, ...]) -> tuple[Any, Array]:
+    def body(carry: tuple[Array, Array], xs: tuple[Any, ...]) -> tuple[Any, Array]:
         g_t, i_t, f_t, o_t, c_prev, d_state_t, d_pre_t = xs
         d_a, carry = lstm_step_back(w_t, g_t, i_t, f_t, o_t, c_prev, d_pre_t, d_state_t,
                                     *carry)
@@ -442,11 +464,11 @@ def _lstm_backward_scan(reverse: bool, g: Array, i: Array, f: Array, o: Array, c
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def lstm_backward(reverse: bool, g: Array, i: Array, f: Array, o: Array, c_in: Array,
-                  d_state: Array, d_pre: Array, w_t: Array, d_h: Array,
+                  d_state: Array | None, d_pre: Array | None, w_t: Array, d_h: Array,
                   d_c: Array) -> tuple[Array, Array, Array]:
     """``(d_a, d_h0, d_c0)``: the backward loop of :func:`lstm_forward`'s recurrence from
     its tape (``g``, the sigmoid gates, ``c_in``), the cotangents of the public states and
-    pre-activations, ``w.T`` and the cotangents of the final carry: the gates'
+    pre-activations (``None``: zero), ``w.T`` and the cotangents of the final carry: the gates'
     pre-activation gradients (``[i, f, g, o]``) and the initial carry's, in one C++ kernel
     on CPUs."""
     return _dispatch(functools.partial(_lstm_backward_scan, reverse),
@@ -455,8 +477,11 @@ def lstm_backward(reverse: bool, g: Array, i: Array, f: Array, o: Array, c_in: A
                      g, i, f, o, c_in, d_state, d_pre, w_t, d_h, d_c)
 
 
-def _lstm_backward_native(reverse: bool, *args: Array) -> tuple[Array, ...]:
-    return _as_batch(_native.lstm_backward(reverse), *_native.LSTM_BACKWARD_KINDS)(*args)
+def _lstm_backward_native(reverse: bool, g: Array, i: Array, f: Array, o: Array, c_in: Array,
+                          d_state: Array | None, d_pre: Array | None,
+                          *rest: Array) -> tuple[Array, ...]:
+    return _as_batch(_native.lstm_backward(reverse), *_native.LSTM_BACKWARD_KINDS)(
+        g, i, f, o, c_in, *_no_steps(g, d_state, d_pre), *rest)
 
 
 def _scan_tangents(kernel: Any, scan: Callable[..., Any], static: int = 2) -> None:

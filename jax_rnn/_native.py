@@ -250,7 +250,8 @@ def forward(code: int, reverse: bool) -> Callable[..., tuple[Array, ...]]:
 def backward(code: int, reverse: bool) -> Callable[..., tuple[Array, ...]]:
     """``(h, d_state, d_pre, w_t, d_final) -> (d_g^T, d_h0)``: the backward loop, as in
     ``_kernels.backward``, with the pre-activations' gradients ``d_g`` transposed to
-    ``(H, T, B)``."""
+    ``(H, T, B)``. A zero ``d_state`` or ``d_pre`` may be passed as ``(0, B, H)``: no
+    steps, nothing read."""
     def shapes(h: Array, *rest: Array) -> tuple[tuple[int, ...], ...]:
         length, batch, hidden = h.shape
         return (hidden, length, batch), (batch, hidden)
@@ -279,7 +280,8 @@ def lstm_forward(tape: bool, reverse: bool) -> Callable[..., tuple[Array, ...]]:
 def lstm_backward(reverse: bool) -> Callable[..., tuple[Array, ...]]:
     """``(g, s(i), s(f), s(o), c_in, d_state, d_pre, w_t (4H, H), d_h (B, H), d_c (B, H))
     -> (d_a, d_h0, d_c0)``: the backward loop of ``lstm_forward``'s recurrence from its
-    tape, with the gates' pre-activation gradients ``d_a`` (``(T, B, 4H)``)."""
+    tape, with the gates' pre-activation gradients ``d_a`` (``(T, B, 4H)``). A zero
+    ``d_state`` or ``d_pre`` may be passed as ``(0, B, H)``, as in :func:`backward`."""
     def shapes(g: Array, *rest: Array) -> tuple[tuple[int, ...], ...]:
         length, batch, hidden = g.shape
         return (length, batch, 4 * hidden), (batch, hidden), (batch, hidden)

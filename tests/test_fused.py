@@ -108,6 +108,54 @@ def test_every_backward_path_equals_scan(name, case, per_step, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+_READS = {  # a loss of one of unroll's results: the others' cotangents are symbolic zeros
+    "final carry": lambda final, ys: sum(jnp.sum(jnp.sin(f)) for f in jax.tree.leaves(final)),
+    "states": lambda final, ys: jnp.sum(jnp.sin(ys.state)),
+    "pre-activations": lambda final, ys: jnp.sum(jnp.sin(ys.pre_activation)),
+    "outputs": lambda final, ys: jnp.sum(jnp.sin(ys.output)),
+}
+_PATHS = {  # dtype, batch, steps per chunk of the backward pass
+    "general": (np.float64, (2,), None),
+    "chunks": (np.float64, (2,), 3),
+    "compact": (np.float64, (1,), None),  # the LSTM's and GRU's compact paths (CPUs)
+    "kernels": (np.float32, (3,), None),  # the Elman cells' and LSTM's kernels (CPUs)
+}
+
+
+@settings(max_examples=10)
+@given(name=st.sampled_from(sorted(BACKWARD_CELLS)), reads=st.sampled_from(sorted(_READS)),
+       path=st.sampled_from(sorted(_PATHS)), seed=st.integers(0, 100))
+def test_losses_of_one_result_equal_scan(name, reads, path, seed):
+    """A loss that reads one of unroll's results only (the final carry, the states, the
+    pre-activations or the outputs): the others' cotangents reach the backward pass as
+    symbolic zeros, which every backward path adds as nothing. Gradients against plain
+    autodiff through scan."""
+    dtype, batch, chunk = _PATHS[path]
+    cell = BACKWARD_CELLS[name]
+    params = cell.init(jax.random.key(seed), 3, 5, 2, dtype=dtype)
+    rng = np.random.default_rng(seed)
+    xs = rng.normal(size=(7, *batch, 3)).astype(dtype)
+    state0 = jax.tree.map(lambda a: (a + rng.normal(size=a.shape)).astype(dtype),
+                          cell.initial_state(params, batch))
+
+    def loss(params, xs, state0, impl):
+        return _READS[reads](*jax_rnn.unroll(cell, params, xs, state0, impl=impl))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    with pytest.MonkeyPatch.context() as patch:
+        if chunk is not None:
+            patch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: chunk)
+            jax.clear_caches()  # unroll's traces may be of another chunk length
+        fused = grad(params, xs, state0, "fused")
+    if chunk is not None:
+        jax.clear_caches()
+    scan = grad(params, xs, state0, "scan")
+    tol = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5)}
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
+        assert a.dtype == b.dtype == dtype
+        np.testing.assert_allclose(a, b, **tol[dtype])
+
+
 def test_fused_is_used_and_hoists_the_input_projection():
     """The fused path runs one (T*B, I) x (I, H) product outside the loop."""
     params = jax_rnn.elman.init(jax.random.key(0), 3, 4, 1, dtype=np.float64)

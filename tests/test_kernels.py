@@ -13,6 +13,8 @@ the kernels are float32 only.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
@@ -550,6 +552,31 @@ def test_cpu_lstm_kernel_backward_in_chunks(native, monkeypatch):
     gates and input cell states, sliced by chunks): 2 chunks of 3 steps and 1 step."""
     monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: 3)
     _check_lstm(7, 2, 2, 5, 1.0, False, seed=22, kernels_run=(1, 3))
+
+
+@pytest.mark.parametrize("name", ["elman", "lstm"])
+def test_cpu_backward_kernels_read_no_zero_cotangents(native, name):
+    """A loss of the final carry alone: the states' and pre-activations' cotangents are
+    symbolic zeros, and the backward kernel gets them as arrays of no steps (read as
+    zeros), not as (T, B, H) arrays of zeros. Gradients against impl="scan"."""
+    cell = getattr(jax_rnn, name)
+    params = cell.init(jax.random.key(31), 3, 5, dtype=np.float32)
+    xs = np.random.default_rng(31).normal(size=(6, 4, 3)).astype(np.float32)
+    state0 = cell.initial_state(params, (4,))
+
+    def loss(params, impl="fused", every=False):
+        final, ys = jax_rnn.unroll(cell, params, xs, state0, impl=impl)
+        value = sum(jnp.sum(jnp.sin(f)) for f in jax.tree.leaves(final))
+        return value + jnp.sum(ys.state) + jnp.sum(ys.pre_activation) if every else value
+
+    assert _kernel_calls(jax.grad(loss), params) == 2
+    no_steps = "f32[0,4,5]"  # d_state and d_pre as passed to the kernel
+    assert no_steps in str(jax.make_jaxpr(jax.grad(loss))(params))
+    assert no_steps not in str(jax.make_jaxpr(jax.grad(functools.partial(loss, every=True)))(
+        params))
+    for a, b in zip(jax.tree.leaves(jax.grad(loss)(params)),
+                    jax.tree.leaves(jax.grad(loss)(params, "scan")), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
 def test_cpu_lstm_kernel_under_vmap_and_second_order(native):

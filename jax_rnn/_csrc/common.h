@@ -345,6 +345,24 @@ ffi::Error CheckShape(const char* kernel, const char* operand, ffi::Span<const i
                                      " has the wrong shape (jax_rnn._native calls it)");
 }
 
+// A cotangent of every step, `dims` (length, batch, hidden), or a zero one that jax_rnn
+// passes as an array of no steps, (0, batch, hidden): an error as CheckShape's if neither.
+ffi::Error CheckSteps(const char* kernel, const char* operand, ffi::Span<const int64_t> dims,
+                      int64_t length, int64_t batch, int64_t hidden) {
+  const int64_t steps = dims.size() == 3 && dims[0] == 0 ? 0 : length;
+  return CheckShape(kernel, operand, dims, {steps, batch, hidden});
+}
+
+// A per-step cotangent's data, or nullptr for a zero one (no steps, CheckSteps).
+inline const float* StepsOrNull(const ffi::Buffer<ffi::F32>& a) {
+  return a.dimensions()[0] == 0 ? nullptr : a.typed_data();
+}
+
+// v + the n entries of a at `at`, or v where a is nullptr (a zero cotangent).
+inline Vec PlusAt(Vec v, const float* a, int64_t at, int n) {
+  return a == nullptr ? v : v + LoadN(a + at, n);
+}
+
 }  // namespace
 
 #endif  // JAX_RNN_CSRC_COMMON_H_

@@ -6,7 +6,8 @@
 //   forward:  h_t = act(x_t @ w_in + b + h_{t-1} @ w)
 //   backward: d_g_t = act'(h_t) (d_h_t + d_state_t) + d_pre_t,  d_h_{t-1} = d_g_t @ w_t
 //
-// (w_t is w transposed, passed in by the caller), in time order or reversed. A step is
+// (w_t is w transposed, passed in by the caller; d_state and d_pre have no steps where
+// they are zero, common.h's CheckSteps), in time order or reversed. A step is
 // split into panels of 16 output columns. Where a step is large enough, the panels are
 // shared by the calling thread and tasks on XLA's own intra-op thread pool (see Run):
 // XLA's CPU loops run such per-step products on one core. Work is claimed from one counter
@@ -89,8 +90,8 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
   const auto dims = h.dimensions();
   if (dims.size() != 3) return CheckShape(name, "h", dims, {-1, -1, -1});
   const int64_t length = dims[0], batch = dims[1], hidden = dims[2];
-  for (auto error : {CheckShape(name, "d_state", d_state.dimensions(), {length, batch, hidden}),
-                     CheckShape(name, "d_pre", d_pre.dimensions(), {length, batch, hidden}),
+  for (auto error : {CheckSteps(name, "d_state", d_state.dimensions(), length, batch, hidden),
+                     CheckSteps(name, "d_pre", d_pre.dimensions(), length, batch, hidden),
                      CheckShape(name, "w_t", w_t.dimensions(), {hidden, hidden}),
                      CheckShape(name, "d_final", d_final.dimensions(), {batch, hidden}),
                      CheckShape(name, "d_g_t", d_g_t->dimensions(), {hidden, length, batch})}) {
@@ -102,7 +103,7 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
     std::memcpy(d_h0->typed_data(), d_final.typed_data(), size * sizeof(float));
     return ffi::Error::Success();
   }
-  const float *h_p = h.typed_data(), *ds_p = d_state.typed_data(), *dp_p = d_pre.typed_data();
+  const float *h_p = h.typed_data(), *ds_p = StepsOrNull(d_state), *dp_p = StepsOrNull(d_pre);
   float* dgt_p = d_g_t->typed_data();
   // Step s of the loop's d_g by rows: scratch[s % 2] (step s + 1 writes the other half
   // only once every panel of step s is done).
@@ -112,8 +113,8 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
   // d_g at step s (time t = order(s)), row r, columns j:j+n, from the cotangent d of h_t.
   auto gate = [&](int64_t step, int64_t r, int64_t j, int n, Vec d) {
     const int64_t t = order(step), at = t * size + r * hidden + j;
-    const Vec g = Back(activation, LoadN(h_p + at, n), d + LoadN(ds_p + at, n)) +
-                  LoadN(dp_p + at, n);
+    const Vec g =
+        PlusAt(Back(activation, LoadN(h_p + at, n), PlusAt(d, ds_p, at, n)), dp_p, at, n);
     StoreN(scratch.data() + (step % 2) * size + r * hidden + j, g, n);
     float* out = dgt_p + (j * length + t) * batch + r;
     for (int i = 0; i < n; ++i) out[i * length * batch] = g[i];
@@ -142,8 +143,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnElmanBackward, ElmanBackwardImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h (T, B, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_state (T, B, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_pre (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_state (T or 0, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_pre (T or 0, B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_t (H, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_final (B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_g^T (H, T, B)

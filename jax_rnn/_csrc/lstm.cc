@@ -113,7 +113,8 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
 }
 
 // The backward loop, from the forward loop's tape. d_c0 holds the running cell-state
-// gradient (d_c at first, updated in place). d_a is written by steps, (T, B, 4H), and
+// gradient (d_c at first, updated in place). d_state and d_pre have no steps where they
+// are zero (common.h's CheckSteps). d_a is written by steps, (T, B, 4H), and
 // each step's product reads it from there. (Written transposed, (4H, T, B), as elman.cc's
 // d_g, its scattered stores made the loop 2x slower at T=1000, B=32, H=128.)
 ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
@@ -133,8 +134,8 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
                      CheckShape(name, "i", i.dimensions(), {length, batch, hidden}),
                      CheckShape(name, "f", f.dimensions(), {length, batch, hidden}),
                      CheckShape(name, "o", o.dimensions(), {length, batch, hidden}),
-                     CheckShape(name, "d_state", d_state.dimensions(), {length, batch, hidden}),
-                     CheckShape(name, "d_pre", d_pre.dimensions(), {length, batch, hidden}),
+                     CheckSteps(name, "d_state", d_state.dimensions(), length, batch, hidden),
+                     CheckSteps(name, "d_pre", d_pre.dimensions(), length, batch, hidden),
                      CheckShape(name, "w_t", w_t.dimensions(), {width, hidden}),
                      CheckShape(name, "d_h", d_h.dimensions(), {batch, hidden}),
                      CheckShape(name, "d_c", d_c.dimensions(), {batch, hidden}),
@@ -153,7 +154,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   }
   const float *g_p = g.typed_data(), *i_p = i.typed_data(), *f_p = f.typed_data();
   const float *o_p = o.typed_data(), *ci_p = c_in.typed_data();
-  const float *ds_p = d_state.typed_data(), *dp_p = d_pre.typed_data();
+  const float *ds_p = StepsOrNull(d_state), *dp_p = StepsOrNull(d_pre);
   float* da_p = d_a->typed_data();
   auto order = [&](int64_t step) { return reverse ? step : length - 1 - step; };
   // d_a at step s (time t = order(s)), row r, hidden units j:j+n, from the cotangent
@@ -164,14 +165,14 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
     const Vec tg = Tanh(LoadN(g_p + at, n));
     const Vec c_prev = LoadN(ci_p + at, n);
     const Vec tc = Tanh(fg * c_prev + ig * tg);
-    const Vec dh = d_next + LoadN(ds_p + at, n);
+    const Vec dh = PlusAt(d_next, ds_p, at, n);
     float* dc_row = dc_p + r * hidden + j;
     const Vec dc = LoadN(dc_row, n) + dh * og * (1.0f - tc * tc);
     StoreN(dc_row, dc * fg, n);
     float* out = da_p + (t * batch + r) * width + j;
     StoreN(out, dc * tg * ig * (1.0f - ig), n);
     StoreN(out + hidden, dc * c_prev * fg * (1.0f - fg), n);
-    StoreN(out + 2 * hidden, dc * ig * (1.0f - tg * tg) + LoadN(dp_p + at, n), n);
+    StoreN(out + 2 * hidden, PlusAt(dc * ig * (1.0f - tg * tg), dp_p, at, n), n);
     StoreN(out + 3 * hidden, dh * tc * og * (1.0f - og), n);
   };
   auto source = [&](int64_t step) { return da_p + order(step) * batch * width; };
@@ -209,8 +210,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnLstmBackward, LstmBackwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // s(f) (T, B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // s(o) (T, B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // c_in (T, B, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_state (T, B, H)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_pre (T, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_state (T or 0, B, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_pre (T or 0, B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // w_t (4H, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_h (B, H)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // d_c (B, H)
