@@ -1,7 +1,7 @@
 """The one-kernel loops (jax_rnn._kernels) against XLA's loop and PyTorch.
 
     python benchmarks/kernels.py --out DIR [--repeats 7] [--sizes t1000_b32 ...]
-        [--cell elman|elman_relu|lstm]
+        [--cell elman|elman_relu|gru|lstm]
 
 On an NVIDIA GPU (the Pallas kernels, Elman only) or a CPU (the C++ kernels), for each
 size, in one process: ``jax_rnn.unroll(cell, ...)`` (default ``elman``) forward and
@@ -9,14 +9,13 @@ forward+backward (loss = sum of the states, gradient with respect to every param
 with the kernels (``"kernel"``: the default; on a GPU also ``"kernel_*"``: the same with
 8 warps instead of 4, or with ``w`` kept in registers or not), with them off (``"xla"``:
 the fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's ``nn.RNN``
-(``nn.LSTM``) on
-the same weights (``"cudnn"`` on a GPU, ``"torch"`` on a CPU). ``--max-hidden`` lets the
-GPU kernels run at hidden sizes over ``jax_rnn._kernels.MAX_HIDDEN``, to measure them
-there. float32 with full-precision products everywhere (JAX "highest", PyTorch's TF32
-off). Every variant is
-compiled first; then the variants are timed in turn, in an order that changes from
-round to round, and each figure is the median over the rounds (a sample averages
-back-to-back calls when one call is short): ``jax-rnn bench``'s sampler. The states
+(``nn.GRU``, ``nn.LSTM``) on the same weights (``"cudnn"`` on a GPU, ``"torch"`` on a
+CPU). ``--max-hidden`` lets the GPU kernels run at hidden sizes over
+``jax_rnn._kernels.MAX_HIDDEN``, to measure them there. float32 with full-precision
+products everywhere (JAX "highest", PyTorch's TF32 off). Every variant is compiled
+first; then the variants are timed in turn, in an order that changes from round to
+round, and each figure is the median over the rounds (a sample averages back-to-back
+calls when one call is short): ``jax-rnn bench``'s sampler. The states
 and gradients of every JAX variant are compared with the ``"xla"`` variant's (largest
 difference over the largest entry). The figures in
 ``benchmarks/results/h200-2026-11-28-kernels/`` were taken with this script's first
@@ -144,7 +143,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="default: all on a GPU; xla and kernel on a CPU (the others "
                              "are knobs of the GPU kernels)")
-    parser.add_argument("--cell", default="elman", choices=["elman", "elman_relu", "lstm"])
+    parser.add_argument("--cell", default="elman",
+                        choices=["elman", "elman_relu", "gru", "lstm"])
     parser.add_argument("--max-hidden", type=int, default=_kernels.MAX_HIDDEN)
     args = parser.parse_args()
     _kernels.MAX_HIDDEN = args.max_hidden

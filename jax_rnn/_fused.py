@@ -39,7 +39,7 @@ it: reading the saved gates costs less memory traffic than a precomputed array o
 derivatives would.
 
 One LSTM (GRU) sequence of hidden size at most 64 (32) on a CPU (no masked, reset or
-cut steps; for the LSTM, where the C++ kernels below do not run) takes a compact path
+cut steps, where the C++ kernels below do not run: e.g. in float64) takes a compact path
 instead, because there XLA's per-operation cost is most of
 each step: its loops run at most 8 operations each (the most that XLA's CPU runtime
 executes one after another without dataflow scheduling). The LSTM's path keeps the gates and
@@ -52,10 +52,10 @@ reset or cut steps) run as one kernel each instead of XLA's while loops
 (:mod:`jax_rnn._kernels`): on an NVIDIA GPU Pallas kernels (at most 128 hidden units;
 the forward kernel after the hoisted projection), on a CPU C++ kernels
 (:mod:`jax_rnn._native`; the forward kernel projects each step's input itself). On a
-CPU an LSTM's loops do too, under the same conditions (:class:`Loops`; differentiated
-calls up to ``_LSTM_KERNEL_MAX_HIDDEN`` hidden units, the forward loop alone at any
-size); they take precedence over its compact path. The contractions after the backward
-loop are XLA's, as for the other cells.
+CPU a GRU's and an LSTM's loops do too, under the same conditions (:class:`Loops`; the
+LSTM's differentiated calls up to ``_LSTM_KERNEL_MAX_HIDDEN`` hidden units, its forward
+loop alone at any size); they take precedence over the compact paths. The contractions
+after the backward loop are XLA's, as for the other cells.
 
 Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``: use
 ``unroll(..., impl="scan")`` for it (reverse-over-reverse works on both).
@@ -109,7 +109,7 @@ class Loops(NamedTuple):
     """A cell's forward and backward loops as one kernel each (:mod:`jax_rnn._kernels`).
 
     Attributes:
-        forward: ``(residuals, reverse, w_in, b_in, w, xs, carry0) -> (final, tape)``,
+        forward: ``(residuals, reverse, w_in, b_in, w, b, xs, carry0) -> (final, tape)``,
             the forward loop; ``residuals``: the tape holds what ``backward`` reads.
         backward: ``(reverse, w, tape, d_carry, d_pre, d_state) -> (d_carry0, d_out)``,
             the backward loop over the tape's steps, ``d_out`` for ``gate_grads``.
@@ -248,7 +248,7 @@ def _elman_fused(activation: Callable[[Array], Array]) -> FusedCell:
 def _elman_loops(pair: _kernels.Kernel) -> Loops:
     """An Elman cell's loops (``pair``: its activation and derivative) as kernels."""
     def forward(residuals: bool, reverse: bool, w_in: Array, b_in: Array | None, w: Array,
-                xs: Array, carry0: Array) -> tuple[Array, Tape]:
+                b: None, xs: Array, carry0: Array) -> tuple[Array, Tape]:
         pre, state = _kernels.forward(pair, reverse, xs, w_in, b_in, w, carry0)
         return state[0 if reverse else -1], Tape(None, pre, state, ())
 
@@ -281,12 +281,7 @@ def _gru_prepare(tape: Tape, d_pre: Array | None, d_state: Array | None) -> Any:
 
 def _gru_step_back(w_t: Array, inputs: Any, d_new: Array) -> tuple[Array, Array]:
     (r, z, n, h_n), h, d_pre, d_state = inputs
-    d_h = _plus(d_new, d_state)
-    d_pre = _plus(d_h * (1.0 - z) * (1.0 - n * n), d_pre)
-    d_r = d_pre * h_n * r * (1.0 - r)
-    d_z = d_h * (h - n) * z * (1.0 - z)
-    d_gh = jnp.concatenate([d_r, d_z, d_pre * r], axis=-1)
-    return jnp.concatenate([d_r, d_z, d_pre], axis=-1), d_gh @ w_t + d_h * z
+    return _kernels.gru_step_back(w_t, r, z, n, h_n, h, d_pre, d_state, d_new)
 
 
 def _gru_gate_grads(d_gx: Array, tape: Tape) -> tuple[Array, Array]:
@@ -433,7 +428,8 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
 
 
 def _lstm_loops_forward(residuals: bool, reverse: bool, w_in: Array, b_in: Array | None,
-                        w: Array, xs: Array, carry0: LSTMState) -> tuple[LSTMState, Tape]:
+                        w: Array, b: None, xs: Array, carry0: LSTMState,
+                        ) -> tuple[LSTMState, Tape]:
     """The LSTM's forward loop as one kernel: ``(final, tape)``, the tape's gates the
     kernel's (``_kernels.LstmTape``)."""
     h, g, *kept, c = _kernels.lstm_forward(residuals, reverse, xs, w_in, b_in, w, carry0.h,
@@ -519,6 +515,22 @@ def _gru_compact_forward(reverse: bool, unroll: int | bool, w_in: Array, b_in: A
     return final, pre, tape
 
 
+def _gru_loops_forward(residuals: bool, reverse: bool, w_in: Array, b_in: Array | None,
+                       w: Array, b: Array | None, xs: Array, carry0: Array,
+                       ) -> tuple[Array, Tape]:
+    """The GRU's forward loop as one kernel: ``(final, tape)``, the tape's gates the
+    kernel's (``_kernels.GruTape``), as XLA's loop keeps them."""
+    h, pre, *gates = _kernels.gru_forward(residuals, reverse, xs, w_in, b_in, w, b, carry0)
+    return h[0 if reverse else -1], Tape(None, pre, h, tuple(gates) if residuals else None)
+
+
+def _gru_loops_backward(reverse: bool, w: Array, tape: Tape, d_carry: Array,
+                        d_pre: Array | None, d_state: Array | None) -> tuple[Array, Array]:
+    d_gx, d_h0 = _kernels.gru_backward(reverse, tape.h_in, *tape.gates, d_state, d_pre, w.T,
+                                       d_carry)
+    return d_h0, d_gx
+
+
 _GRU = FusedCell(
     input_bias=lambda p: p.b_cell_input,
     recurrent_bias=lambda p: p.b_cell_state,
@@ -529,6 +541,10 @@ _GRU = FusedCell(
     gate_grads=_gru_gate_grads,
     compact_forward=_gru_compact_forward,
     compact_max_hidden=32,
+    # At any hidden size: unlike the LSTM's, the GRU's kernels were faster than XLA's loops
+    # at 512 units too (forward+backward 609 against 662 ms and 611 against 670 ms at
+    # T=200, B=64, I=256, in two runs of benchmarks/kernels.py; docs/performance.md).
+    kernel=Loops(_gru_loops_forward, _gru_loops_backward, gpu=False, gh_first=False),
 )
 
 _GATED = {
@@ -636,10 +652,10 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
     Evaluated without differentiation it is a plain loop; differentiated, the forward
     pass hoists the input projection and the backward pass is fused (module docstring).
     """
-    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in),
+    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in, b),
                      differentiated=False)
     if kernel is not None:
-        final, tape = kernel.forward(False, reverse, w_in, b_in, w, xs, carry0)
+        final, tape = kernel.forward(False, reverse, w_in, b_in, w, b, xs, carry0)
     else:
         final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
                                residuals=False, projection=(w_in, b_in))
@@ -651,11 +667,11 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, .
             others: tuple[Array | None, ...] = (), differentiated: bool = True,
             ) -> Loops | None:
     """``fc.kernel`` (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one kernel
-    each: an Elman cell with tanh or relu (CPUs and NVIDIA GPUs) or an LSTM of at most
-    ``_LSTM_KERNEL_MAX_HIDDEN`` hidden units (CPUs), float32, one batch axis or none, a
+    each: an Elman cell with tanh or relu (CPUs and NVIDIA GPUs), a GRU, or an LSTM of at
+    most ``Loops.max_hidden`` hidden units (CPUs), float32, one batch axis or none, a
     shape that ``_kernels.fits`` (on GPUs at most ``_kernels.MAX_HIDDEN`` hidden units),
     at least one step and no masked, reset or cut steps; else ``None``. ``others`` (the
-    input weights and bias) must be float32 too. A call that is not ``differentiated``
+    input weights and the biases) must be float32 too. A call that is not ``differentiated``
     takes the forward kernel at any hidden size (``Loops.max_hidden``)."""
     if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim not in (2, 3)
             or xs.shape[0] == 0):
@@ -691,7 +707,7 @@ def _fused_fwd(fc, reverse, unroll, compact, *args):  # noqa: ANN001
     # symbolic_zeros (defvjp below): each array comes with whether it is perturbed.
     w_in, b_in, w, b, xs, carry0, valid, resets, cut = (
         jax.custom_derivatives.custom_vjp_primal_tree_values(args))
-    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in))
+    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in, b))
     compact_forward = (_compact(fc, xs, carry0, (valid, resets, cut))
                        if compact and kernel is None else None)
     if compact_forward is not None:
@@ -699,7 +715,7 @@ def _fused_fwd(fc, reverse, unroll, compact, *args):  # noqa: ANN001
         res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0))
         return (final, pre, tape.state), res
     if kernel is not None:
-        final, tape = kernel.forward(True, reverse, w_in, b_in, w, xs, carry0)
+        final, tape = kernel.forward(True, reverse, w_in, b_in, w, b, xs, carry0)
         # The kernels' backward loops do not read the pre-activations: leaving them out
         # of the residuals keeps them out of the chunks' size (and, for an Elman cell whose
         # pre-activations are unused, out of the computation).

@@ -1,6 +1,7 @@
 """One-kernel recurrences: the Elman cell's sequential loops as one kernel each, on NVIDIA
 GPUs (Pallas kernels, here) and on CPUs (C++ kernels, :mod:`jax_rnn._native`), and the
-LSTM's on CPUs (C++ kernels: :func:`lstm_forward`, :func:`lstm_backward`).
+LSTM's and GRU's on CPUs (C++ kernels: :func:`lstm_forward`, :func:`lstm_backward`,
+:func:`gru_forward`, :func:`gru_backward`).
 
 On a GPU, XLA runs a ``lax.scan`` as a while loop that launches a few kernels per step;
 at the sizes RNNs are trained at, that launch latency (microseconds per step), not the
@@ -32,14 +33,16 @@ large enough step with a second thread and fuse the activation into the product 
 two loops run as C++ kernels too: the forward kernel computes all four gates of 16
 hidden units in one panel of the product and the cell's pointwise part on its
 registers, and keeps a tape (the sigmoid gates and each step's input cell state) for
-the backward kernel.
+the backward kernel. The GRU's forward kernel does the same with its three gates
+(``gx_n`` and ``gh_n`` in accumulators of their own) and keeps the gates XLA's loops
+keep.
 
 The kernels are pure functions of arrays; :func:`forward`, :func:`backward` and the
-LSTM's two wrap each in a :func:`jax.custom_jvp` whose tangent is the same recurrence's written with
-``lax.scan``, so that reverse-over-reverse differentiation and ``jax.vmap`` go through
-them. With ``JAX_RNN_KERNELS=interpret`` (the tests, on a CPU) the Pallas kernels run in
-Pallas's interpreter. The activation and its derivative are the fused path's own
-(``_fused._BACK_FROM_OUTPUT``), passed in as a pair of functions.
+LSTM's and GRU's two wrap each in a :func:`jax.custom_jvp` whose tangent is the same
+recurrence's written with ``lax.scan``, so that reverse-over-reverse differentiation and
+``jax.vmap`` go through them. With ``JAX_RNN_KERNELS=interpret`` (the tests, on a CPU)
+the Pallas kernels run in Pallas's interpreter. The activation and its derivative are
+the fused path's own (``_fused._BACK_FROM_OUTPUT``), passed in as a pair of functions.
 """
 
 from __future__ import annotations
@@ -484,6 +487,104 @@ def _lstm_backward_native(reverse: bool, g: Array, i: Array, f: Array, o: Array,
         g, i, f, o, c_in, *_no_steps(g, d_state, d_pre), *rest)
 
 
+# The GRU's loops: C++ kernels on CPUs only, as the LSTM's.
+
+
+GruTape = tuple[Array, Array, Array, Array]
+"""``(r, z, n, gh_n)`` of every step: with each step's input state, what
+:func:`gru_backward` reads (and the fused path's XLA loop, ``_fused._gru_step_back``)."""
+
+
+def _gru_forward_scan(tape: bool, reverse: bool, xs: Array, w_in: Array, b_in: Array | None,
+                      w: Array, b: Array | None, h0: Array) -> tuple[Array, ...]:
+    """``gru_forward`` written with ``lax.scan``: its tangents, and the reference."""
+    def body(h: Array, gx_t: Array) -> tuple[Array, Any]:
+        gh = project(h, w, b)
+        (x_r, x_z, x_n), (h_r, h_z, h_n) = jnp.split(gx_t, 3, axis=-1), jnp.split(gh, 3, -1)
+        r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
+        pre = x_n + r * h_n
+        n = jnp.tanh(pre)
+        new = (1.0 - z) * n + z * h
+        return new, (new, pre, r, z, n, h_n) if tape else (new, pre)
+
+    ys = jax.lax.scan(body, h0, project(xs, w_in, b_in), reverse=reverse)[1]
+    return ys if tape else (*ys, *(jnp.zeros((0, *h0.shape), h0.dtype),) * 4)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def gru_forward(tape: bool, reverse: bool, xs: Array, w_in: Array, b_in: Array | None,
+                w: Array, b: Array | None, h0: Array) -> tuple[Array, ...]:
+    """``(h, pre, r, z, n, gh_n)`` of a GRU (thirds ``[r, z, n]`` of ``gx = x_t @ w_in +
+    b_in`` and ``gh = h_{t-1} @ w + b``; ``r = s(gx_r + gh_r)``, ``z = s(gx_z + gh_z)``,
+    ``pre = gx_n + r gh_n``, ``n = tanh(pre)``, ``h_t = (1 - z) n + z h_{t-1}``) over the
+    inputs ``xs`` (``(T, B, I)`` or ``(T, I)``) from ``h0``: the states, the candidate's
+    pre-activations (the public ones), and with the ``tape`` (:data:`GruTape`) each step's
+    gates and ``gh_n`` (without, arrays of no steps). The loop is one C++ kernel on CPUs
+    (:func:`jax_rnn._native.gru_forward`), ``lax.scan`` elsewhere."""
+    return _dispatch(functools.partial(_gru_forward_scan, tape, reverse),
+                     functools.partial(_gru_forward_native, tape, reverse),
+                     functools.partial(_gru_forward_scan, tape, reverse),
+                     xs, w_in, b_in, w, b, h0)
+
+
+def _gru_forward_native(tape: bool, reverse: bool, xs: Array, w_in: Array, b_in: Array | None,
+                        w: Array, b: Array | None, h0: Array) -> tuple[Array, ...]:
+    zeros = jnp.zeros(w.shape[-1:], w.dtype)
+    return _as_batch(_native.gru_forward(tape, reverse), *_native.GRU_FORWARD_KINDS)(
+        xs, w_in, zeros if b_in is None else b_in, w, zeros if b is None else b, h0)
+
+
+def gru_step_back(w_t: Array, r: Array, z: Array, n: Array, h_n: Array, h: Array,
+                  d_pre: Array | None, d_state: Array | None,
+                  d_new: Array) -> tuple[Array, Array]:
+    """One step of a GRU's backward loop (also the fused path's): ``(d_gx, d_h)``, the
+    input projection's gradients ``[d r, d z, d pre]`` and the step's input state's, from
+    its gates, ``gh_n``, input state ``h``, the cotangents of its public pre-activation and
+    state (``None``: zero), and the output state's."""
+    d_h = plus(d_new, d_state)
+    d_pre = plus(d_h * (1.0 - z) * (1.0 - n * n), d_pre)
+    d_r = d_pre * h_n * r * (1.0 - r)
+    d_z = d_h * (h - n) * z * (1.0 - z)
+    d_gh = jnp.concatenate([d_r, d_z, d_pre * r], axis=-1)
+    return jnp.concatenate([d_r, d_z, d_pre], axis=-1), d_gh @ w_t + d_h * z
+
+
+def _gru_backward_scan(reverse: bool, h_in: Array, r: Array, z: Array, n: Array, h_n: Array,
+                       d_state: Array | None, d_pre: Array | None, w_t: Array,
+                       d_final: Array) -> tuple[Array, Array]:
+    """``gru_backward`` written with ``lax.scan``: its tangents, and the reference."""
+    def body(d_h: Array, xs: tuple[Any, ...]) -> tuple[Array, Array]:
+        h_t, r_t, z_t, n_t, h_n_t, d_state_t, d_pre_t = xs
+        d_gx, d_h = gru_step_back(w_t, r_t, z_t, n_t, h_n_t, h_t, d_pre_t, d_state_t, d_h)
+        return d_h, d_gx
+
+    d_h0, d_gx = jax.lax.scan(body, d_final, (h_in, r, z, n, h_n, d_state, d_pre),
+                              reverse=not reverse)
+    return d_gx, d_h0
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def gru_backward(reverse: bool, h_in: Array, r: Array, z: Array, n: Array, h_n: Array,
+                 d_state: Array | None, d_pre: Array | None, w_t: Array,
+                 d_final: Array) -> tuple[Array, Array]:
+    """``(d_gx, d_h0)``: the backward loop of :func:`gru_forward`'s recurrence from its tape
+    and each step's input state ``h_in``, the cotangents of the public states and
+    pre-activations (``None``: zero), ``w.T`` and the cotangent of the final state: the
+    input projection's gradients (``[r, z, n]``) and the initial state's, in one C++
+    kernel on CPUs."""
+    return _dispatch(functools.partial(_gru_backward_scan, reverse),
+                     functools.partial(_gru_backward_native, reverse),
+                     functools.partial(_gru_backward_scan, reverse),
+                     h_in, r, z, n, h_n, d_state, d_pre, w_t, d_final)
+
+
+def _gru_backward_native(reverse: bool, h_in: Array, r: Array, z: Array, n: Array, h_n: Array,
+                         d_state: Array | None, d_pre: Array | None,
+                         *rest: Array) -> tuple[Array, ...]:
+    return _as_batch(_native.gru_backward(reverse), *_native.GRU_BACKWARD_KINDS)(
+        h_in, r, z, n, h_n, *_no_steps(h_in, d_state, d_pre), *rest)
+
+
 def _scan_tangents(kernel: Any, scan: Callable[..., Any], static: int = 2) -> None:
     """Gives ``kernel`` (a ``custom_jvp`` whose first ``static`` arguments are not
     differentiated) the tangents of ``scan``, the same recurrence written with
@@ -501,3 +602,5 @@ _scan_tangents(forward, _forward_scan)
 _scan_tangents(backward, _backward_scan)
 _scan_tangents(lstm_forward, _lstm_forward_scan)
 _scan_tangents(lstm_backward, _lstm_backward_scan, static=1)
+_scan_tangents(gru_forward, _gru_forward_scan)
+_scan_tangents(gru_backward, _gru_backward_scan, static=1)

@@ -2,8 +2,8 @@
 custom calls.
 
 XLA's CPU backend runs the small matrix product of each step of a recurrence on one core
-and pays a fixed cost per operation of a loop body. The C++ kernels run an Elman or LSTM
-cell's forward loop, or its backward (state-gradient) loop, as one custom call each:
+and pays a fixed cost per operation of a loop body. The C++ kernels run an Elman, GRU or
+LSTM cell's forward loop, or its backward (state-gradient) loop, as one custom call each:
 every step's product in vector registers, the cell's activations in the same pass, and
 the product shared with other threads of XLA's own thread pool where a step is large
 enough (see the sources; measured with 2 threads, this machine's pool).
@@ -45,7 +45,9 @@ _HEADER = Path(__file__).with_name("_csrc") / "common.h"
 _TARGETS = {"jax_rnn_elman_forward": "JaxRnnElmanForward",
             "jax_rnn_elman_backward": "JaxRnnElmanBackward",
             "jax_rnn_lstm_forward": "JaxRnnLstmForward",
-            "jax_rnn_lstm_backward": "JaxRnnLstmBackward"}
+            "jax_rnn_lstm_backward": "JaxRnnLstmBackward",
+            "jax_rnn_gru_forward": "JaxRnnGruForward",
+            "jax_rnn_gru_backward": "JaxRnnGruBackward"}
 """FFI target name -> the handler's symbol in the compiled library."""
 
 
@@ -169,8 +171,8 @@ def unavailable_reason() -> str:
 
 @functools.cache
 def _warn_once(reason: str) -> None:
-    warnings.warn(f"jax_rnn: the CPU kernels for the Elman and LSTM cells are not available "
-                  f"({reason}); XLA's loops run instead (same results, slower). Set "
+    warnings.warn(f"jax_rnn: the CPU kernels for the Elman, GRU and LSTM cells are not "
+                  f"available ({reason}); XLA's loops run instead (same results, slower). Set "
                   f"JAX_RNN_KERNELS=off to choose XLA's loops without this warning.",
                   UserWarning, stacklevel=3)
 
@@ -184,6 +186,8 @@ FORWARD_KINDS = ("smmmr", "s")
 BACKWARD_KINDS = ("sssmr", "tr")
 LSTM_FORWARD_KINDS = ("smmmrr", "ssssssr")
 LSTM_BACKWARD_KINDS = ("sssssssmrr", "srr")
+GRU_FORWARD_KINDS = ("smmmmr", "ssssss")
+GRU_BACKWARD_KINDS = ("sssssssmr", "sr")
 
 Shapes = Callable[..., tuple[tuple[int, ...], ...]]
 """The shapes of a kernel's results from its arguments."""
@@ -287,3 +291,33 @@ def lstm_backward(reverse: bool) -> Callable[..., tuple[Array, ...]]:
         return (length, batch, 4 * hidden), (batch, hidden), (batch, hidden)
 
     return _call("jax_rnn_lstm_backward", *LSTM_BACKWARD_KINDS, shapes, reverse=reverse)
+
+
+@functools.cache
+def gru_forward(tape: bool, reverse: bool) -> Callable[..., tuple[Array, ...]]:
+    """``(xs (T, B, I), w_in (I, 3H), b_in (3H,), w (H, 3H), b (3H,), h0 (B, H)) -> (h, pre,
+    r, z, n, gh_n)``: a GRU's forward loop (thirds ``[r, z, n]``): its states, the
+    candidate's pre-activation (the public one), and with the ``tape`` for the backward
+    loop each step's gates ``r``, ``z``, ``n`` and ``gh_n = h_{t-1} @ w_n + b_n``
+    (``(T, B, H)`` each; without, ``(0, B, H)``)."""
+    def shapes(xs: Array, *weights: Array) -> tuple[tuple[int, ...], ...]:
+        (length, batch, _), hidden = xs.shape, weights[-1].shape[-1]
+        kept = (length if tape else 0, batch, hidden)
+        return ((length, batch, hidden),) * 2 + (kept,) * 4
+
+    return _call("jax_rnn_gru_forward", *GRU_FORWARD_KINDS, shapes, reverse=reverse,
+                 tape=tape)
+
+
+@functools.cache
+def gru_backward(reverse: bool) -> Callable[..., tuple[Array, ...]]:
+    """``(h_in, r, z, n, gh_n, d_state, d_pre, w_t (3H, H), d_final (B, H)) -> (d_gx,
+    d_h0)``: the backward loop of ``gru_forward``'s recurrence from its tape and each
+    step's input state ``h_in``, with the gradients ``d_gx`` (``(T, B, 3H)``) of the
+    input projection ``[r, z, n]``. A zero ``d_state`` or ``d_pre`` may be passed as
+    ``(0, B, H)``, as in :func:`backward`."""
+    def shapes(h_in: Array, *rest: Array) -> tuple[tuple[int, ...], ...]:
+        length, batch, hidden = h_in.shape
+        return (length, batch, 3 * hidden), (batch, hidden)
+
+    return _call("jax_rnn_gru_backward", *GRU_BACKWARD_KINDS, shapes, reverse=reverse)

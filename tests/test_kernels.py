@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import jax_rnn
 from jax_rnn import _kernels, _native
-from jax_rnn.reference import numpy_lstm_unroll, numpy_unroll
+from jax_rnn.reference import numpy_gru_unroll, numpy_lstm_unroll, numpy_unroll
 
 from ._strategies import as64
 
@@ -210,14 +210,14 @@ _WHERE = [
     ("hidden over MAX_HIDDEN", jax_rnn.elman, {"hidden": _kernels.MAX_HIDDEN + 1}),
     ("two batch axes", jax_rnn.elman, {"batch": (2, 2)}),
     ("another activation", jax_rnn.make_elman(jax.nn.sigmoid), {}),
-    ("GRU", jax_rnn.gru, {}),
+    ("GRU", jax_rnn.gru, {}),  # C++ kernels only
     ("LSTM", jax_rnn.lstm, {}),  # C++ kernels only
     ("LSTM over its max hidden", jax_rnn.lstm, {"hidden": 129}),
     ("impl=scan", jax_rnn.elman, {"impl": "scan"}),
 ]
 # Both kinds of kernel share the choice (_fused._kernel) except the size limit
-# (_kernels.fits) and the LSTM (CPUs only): the C++ kernels run the cases around those,
-# and one mask and dtype.
+# (_kernels.fits) and the gated cells (CPUs only): the C++ kernels run the cases around
+# those, and one mask and dtype.
 _NATIVE_WHERE = ("eligible", "hidden over MAX_HIDDEN", "LSTM", "LSTM over its max hidden",
                  "masked steps", "float64", "GRU")
 
@@ -229,11 +229,11 @@ def test_kernels_only_where_they_apply(setup, request, what, cell, kw):
     """Everything the kernels do not cover runs XLA's loops, forward and backward (their
     values against impl="scan" and the numpy references: tests/test_fused.py and the
     other test files); the "eligible" case, the same call without any of it, runs the
-    kernels, and so do a hidden size over MAX_HIDDEN and the LSTM (up to 128 hidden
-    units) on a CPU."""
+    kernels, and so do a hidden size over MAX_HIDDEN, the GRU and the LSTM (up to 128
+    hidden units; over it, the forward kernel alone) on a CPU."""
     request.getfixturevalue(setup)
     eligible = what == "eligible" or (setup == "native"
-                                      and what in ("hidden over MAX_HIDDEN", "LSTM"))
+                                      and what in ("hidden over MAX_HIDDEN", "LSTM", "GRU"))
     kw = dict(kw)
     dtype, hidden = kw.pop("dtype", np.float32), kw.pop("hidden", 5)
     batch = kw.pop("batch", (2,))
@@ -389,9 +389,9 @@ def test_cpu_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
     _native._warn_once.cache_clear()
     jax.clear_caches()
     try:
-        with pytest.warns(UserWarning, match=r"jax_rnn: the CPU kernels for the Elman and "
-                                             r"LSTM cells are not available \(false could "
-                                             r"not compile elman.cc, lstm.cc.*"
+        with pytest.warns(UserWarning, match=r"jax_rnn: the CPU kernels for the Elman, GRU "
+                                             r"and LSTM cells are not available \(false "
+                                             r"could not compile elman.cc, gru.cc, lstm.cc.*"
                                              r"JAX_RNN_KERNELS=off"):
             assert _kernels.mode() == "off"
         cell = jax_rnn.elman
@@ -464,49 +464,60 @@ def test_kernels_off_with_several_devices(monkeypatch):
     assert _kernels.mode() == "off"
 
 
-# The LSTM's C++ kernels (jax_rnn/_csrc/lstm.cc): the forward loop's panels are 16 hidden
-# units (all four gates) in blocks of 6 rows; the backward loop's are 16 columns in
-# blocks of 8 rows.
+# The LSTM's and GRU's C++ kernels (jax_rnn/_csrc/lstm.cc, gru.cc): the forward loop's
+# panels are 16 hidden units (all gates) in blocks of 6 rows; the backward loop's are 16
+# columns in blocks of 8 rows.
 
 
-def _lstm_problem(steps, batch, inputs, hidden, scale, seed, biases=True):
-    """float32 ``(params, xs, (h0, c0))`` of an LSTM with a readout; ``batch=None``: one
-    unbatched sequence; ``scale`` multiplies the recurrent weights and the inputs (4:
-    gates saturate)."""
-    params = jax_rnn.lstm.init(jax.random.key(seed), inputs, hidden, 2, dtype=np.float32)
-    params = params._replace(w_cell_state=params.w_cell_state * scale)
-    if not biases:
-        params = params._replace(b_cell_input=None, b_cell_state=None)
+_GATED_REFERENCES = {"lstm": numpy_lstm_unroll, "gru": numpy_gru_unroll}
+
+
+def _gated_problem(steps, batch, inputs, hidden, scale, seed, biases="both", cell="lstm"):
+    """float32 ``(params, xs, state0)`` of an LSTM or GRU with a readout; ``batch=None``:
+    one unbatched sequence; ``scale`` multiplies the recurrent weights and the inputs (4:
+    gates saturate); ``biases``: "both", "none", or "input" or "state" (that one only)."""
+    model = getattr(jax_rnn, cell)
+    params = model.init(jax.random.key(seed), inputs, hidden, 2, dtype=np.float32)
     rng = np.random.default_rng(seed)
+    params = params._replace(
+        w_cell_state=params.w_cell_state * scale,
+        b_cell_input=None if biases in ("none", "state") else
+        (0.3 * rng.normal(size=params.b_cell_input.shape)).astype(np.float32),
+        b_cell_state=None if biases in ("none", "input") else
+        (0.3 * rng.normal(size=params.b_cell_state.shape)).astype(np.float32))
     rows = () if batch is None else (batch,)
     xs = (scale * rng.normal(size=(steps, *rows, inputs))).astype(np.float32)
-    state0 = jax_rnn.LSTMState(*(rng.uniform(-1, 1, (*rows, hidden)).astype(np.float32)
-                                 for _ in range(2)))
+    state0 = jax.tree.map(lambda a: rng.uniform(-1, 1, a.shape).astype(np.float32),
+                          model.initial_state(params, rows))
     return params, xs, state0
 
 
-def _lstm_loss(params, xs, state0, impl, **kw):
-    final, ys = jax_rnn.unroll(jax_rnn.lstm, params, xs, state0, impl=impl, **kw)
+def _gated_loss(params, xs, state0, impl, cell="lstm", **kw):
+    final, ys = jax_rnn.unroll(getattr(jax_rnn, cell), params, xs, state0, impl=impl, **kw)
     return (jnp.sum(jnp.sin(ys.output)) + jnp.sum(ys.pre_activation ** 2)
-            + jnp.sum(ys.state) + jnp.sum(final.h ** 2) + jnp.sum(jnp.cos(final.c)))
+            + jnp.sum(ys.state) + sum(jnp.sum(jnp.cos(f)) for f in jax.tree.leaves(final)))
 
 
-def _check_lstm(steps, batch, inputs, hidden, scale, reverse, seed, kernels_run=(1, 2),
-                biases=True):
-    """The LSTM's values against the numpy reference, every gradient against
+def _check_gated(steps, batch, inputs, hidden, scale, reverse, seed, kernels_run=(1, 2),
+                 biases="both", cell="lstm"):
+    """An LSTM's or GRU's values against the numpy reference, every gradient against
     impl="scan" (float32 rounding), and the kernels each call runs."""
-    params, xs, state0 = _lstm_problem(steps, batch, inputs, hidden, scale, seed, biases)
-    run = jax.jit(lambda p, x, s: jax_rnn.unroll(jax_rnn.lstm, p, x, s, reverse=reverse))
-    grad = jax.grad(_lstm_loss, argnums=(0, 1, 2))
+    params, xs, state0 = _gated_problem(steps, batch, inputs, hidden, scale, seed, biases,
+                                        cell)
+    model = getattr(jax_rnn, cell)
+    run = jax.jit(lambda p, x, s: jax_rnn.unroll(model, p, x, s, reverse=reverse))
+    grad = jax.grad(functools.partial(_gated_loss, cell=cell), argnums=(0, 1, 2))
     assert _kernel_calls(run, params, xs, state0) == kernels_run[0]
     assert _kernel_calls(lambda *a: grad(*a, "fused", reverse=reverse), params, xs,
                          state0) == kernels_run[1]
     final, ys = run(params, xs, state0)
-    (ref_h, ref_c), ref = numpy_lstm_unroll(as64(params), xs.astype(np.float64),
-                                            tuple(a.astype(np.float64) for a in state0),
-                                            reverse=reverse)
+    ref_final, ref = _GATED_REFERENCES[cell](
+        as64(params), xs.astype(np.float64), jax.tree.map(lambda a: a.astype(np.float64),
+                                                          state0), reverse=reverse)
     for got, want in ((ys.state, ref.state), (ys.pre_activation, ref.pre_activation),
-                      (ys.output, ref.output), (final.h, ref_h), (final.c, ref_c)):
+                      (ys.output, ref.output),
+                      *zip(jax.tree.leaves(final),
+                           [ref_final] if cell == "gru" else list(ref_final), strict=True)):
         np.testing.assert_allclose(got, want, rtol=2e-5,
                                    atol=2e-5 * max(1.0, float(np.abs(want).max())))
     fused = grad(params, xs, state0, "fused", reverse=reverse)
@@ -515,46 +526,53 @@ def _check_lstm(steps, batch, inputs, hidden, scale, reverse, seed, kernels_run=
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, float(abs(b).max())))
 
 
-@settings(max_examples=4, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=6, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
+    cell=st.sampled_from(["lstm", "gru"]),
     steps=st.integers(1, 12),
     batch=st.one_of(st.none(), st.integers(1, 20)),
     inputs=st.integers(1, 4),
     hidden=st.integers(1, 40),
     scale=st.sampled_from([0.5, 1.0, 4.0]),  # 4: gates saturate
     reverse=st.booleans(),
+    biases=st.sampled_from(["both", "none", "input", "state"]),
     seed=st.integers(0, 1000),
 )
-def test_cpu_lstm_kernel_values_and_gradients(native, steps, batch, inputs, hidden, scale,
-                                              reverse, seed):
-    _check_lstm(steps, batch, inputs, hidden, scale, reverse, seed)
+def test_cpu_gated_kernel_values_and_gradients(native, cell, steps, batch, inputs, hidden,
+                                               scale, reverse, biases, seed):
+    _check_gated(steps, batch, inputs, hidden, scale, reverse, seed, biases=biases, cell=cell)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
 @pytest.mark.parametrize(("steps", "batch", "hidden", "reverse", "biases"), [
-    (1, 1, 1, False, True),  # one step, one row, one unit
-    (2, None, 3, True, False),  # unbatched, no biases (a zero bias inside)
-    (3, 13, 17, True, True),  # row blocks of 6, 6 and 1; panels of 16 and 1 units
-    (4, 12, 32, False, True),  # exact blocks and panels
-    (30, 32, 48, True, True),  # shared with a second thread (32 * 50 * 192 > 2^15)
+    (1, 1, 1, False, "both"),  # one step, one row, one unit
+    (2, None, 3, True, "none"),  # unbatched, no biases (a zero bias inside)
+    (3, 13, 17, True, "input"),  # row blocks of 6, 6 and 1; panels of 16 and 1 units
+    (4, 12, 32, False, "state"),  # exact blocks and panels
+    (30, 32, 48, True, "both"),  # shared with a second thread (32 * 50 * 144 > 2^15)
 ])
-def test_cpu_lstm_kernel_edge_cases(native, steps, batch, hidden, reverse, biases):
-    _check_lstm(steps, batch, 2, hidden, 1.0, reverse, seed=21, biases=biases)
+def test_cpu_gated_kernel_edge_cases(native, cell, steps, batch, hidden, reverse, biases):
+    _check_gated(steps, batch, 2, hidden, 1.0, reverse, seed=21, biases=biases, cell=cell)
 
 
-def test_cpu_lstm_kernel_forward_only_when_wide(native):
-    """Over 128 hidden units an LSTM's differentiated calls run XLA's loops and the rest
-    the forward kernel (a tail panel of 2 units here): values against the reference."""
-    _check_lstm(3, 4, 2, 130, 1.0, True, seed=25, kernels_run=(1, 0))
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cpu_gated_kernels_when_wide(native, cell):
+    """Over 128 hidden units (a tail panel of 2 units here) an LSTM's differentiated calls
+    run XLA's loops and the rest the forward kernel; a GRU's run both kernels at any
+    size. Values against the reference, gradients against impl="scan"."""
+    kernels_run = (1, 0) if cell == "lstm" else (1, 2)
+    _check_gated(3, 4, 2, 130, 1.0, True, seed=25, kernels_run=kernels_run, cell=cell)
 
 
-def test_cpu_lstm_kernel_backward_in_chunks(native, monkeypatch):
-    """The LSTM's backward kernel once per chunk of the backward pass (its tape, the
-    gates and input cell states, sliced by chunks): 2 chunks of 3 steps and 1 step."""
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cpu_gated_kernel_backward_in_chunks(native, monkeypatch, cell):
+    """The backward kernel once per chunk of the backward pass (its tape, sliced by
+    chunks; the GRU's input states rebuilt per chunk): 2 chunks of 3 steps and 1 step."""
     monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: 3)
-    _check_lstm(7, 2, 2, 5, 1.0, False, seed=22, kernels_run=(1, 3))
+    _check_gated(7, 2, 2, 5, 1.0, False, seed=22, kernels_run=(1, 3), cell=cell)
 
 
-@pytest.mark.parametrize("name", ["elman", "lstm"])
+@pytest.mark.parametrize("name", ["elman", "lstm", "gru"])
 def test_cpu_backward_kernels_read_no_zero_cotangents(native, name):
     """A loss of the final carry alone: the states' and pre-activations' cotangents are
     symbolic zeros, and the backward kernel gets them as arrays of no steps (read as
@@ -579,15 +597,17 @@ def test_cpu_backward_kernels_read_no_zero_cotangents(native, name):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
 
 
-def test_cpu_lstm_kernel_under_vmap_and_second_order(native):
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cpu_gated_kernel_under_vmap_and_second_order(native, cell):
     """A vmap over sequences with shared weights folds into one call of each kernel, one
     over per-example weights runs a call per example; reverse-over-reverse (a
     Hessian-vector product) goes through the kernels' custom_jvp. Against impl="scan"."""
-    params, xs, state0 = _lstm_problem(6, 4, 3, 7, 1.0, seed=23)
+    model = getattr(jax_rnn, cell)
+    params, xs, state0 = _gated_problem(6, 4, 3, 7, 1.0, seed=23, cell=cell)
     per_example = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a, 2 * a]), params)
 
     def loss(p, x, impl):
-        return jnp.sum(jnp.sin(jax_rnn.unroll(jax_rnn.lstm, p, x, impl=impl)[1].state))
+        return jnp.sum(jnp.sin(jax_rnn.unroll(model, p, x, impl=impl)[1].state))
 
     cases = [(jax.vmap(jax.value_and_grad(loss), in_axes=(None, 1, None)), params),
              (jax.vmap(jax.value_and_grad(loss), in_axes=(0, 1, None)), per_example)]
@@ -604,7 +624,7 @@ def test_cpu_lstm_kernel_under_vmap_and_second_order(native):
     def hvp(impl):
         def g(p):
             grads = jax.grad(lambda q: jnp.sum(
-                jax_rnn.unroll(jax_rnn.lstm, q, xs, state0, impl=impl)[1].state ** 2))(p)
+                jax_rnn.unroll(model, q, xs, state0, impl=impl)[1].state ** 2))(p)
             return jnp.vdot(jax.flatten_util.ravel_pytree(grads)[0],
                             jax.flatten_util.ravel_pytree(v)[0])
         return jax.grad(g)(params)
@@ -640,12 +660,14 @@ def test_cpu_lstm_kernel_sigmoid_pointwise(native):
     np.testing.assert_array_equal(np.asarray(c_in)[0, :, 0], 0.0)  # c0
 
 
-def test_cpu_lstm_kernel_propagates_nan(native):
+@pytest.mark.parametrize("cell", ["lstm", "gru"])
+def test_cpu_gated_kernel_propagates_nan(native, cell):
     """A NaN input reaches the same states as in XLA's loop; the other rows stay clean."""
-    params, xs, state0 = _lstm_problem(4, 3, 2, 5, 1.0, seed=24)
+    model = getattr(jax_rnn, cell)
+    params, xs, state0 = _gated_problem(4, 3, 2, 5, 1.0, seed=24, cell=cell)
     xs[1, 0, 0] = np.nan
-    got = jax_rnn.unroll(jax_rnn.lstm, params, xs, state0)[1].state
-    want = jax_rnn.unroll(jax_rnn.lstm, params, xs, state0, impl="scan")[1].state
+    got = jax_rnn.unroll(model, params, xs, state0)[1].state
+    want = jax_rnn.unroll(model, params, xs, state0, impl="scan")[1].state
     np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
     assert np.isnan(got[1:, 0]).all() and not np.isnan(got[:, 1:]).any()
 
@@ -662,3 +684,25 @@ def test_cpu_lstm_kernel_checks_its_shapes(native):
     steps = np.zeros((3, 2, 5), np.float32)
     with pytest.raises(Exception, match="jax_rnn_lstm_backward: w_t has the wrong shape"):
         jax.block_until_ready(_native.lstm_backward(False)(*[steps] * 7, w, h0, h0))
+    with pytest.raises(Exception, match="jax_rnn_lstm_backward: d_pre has the wrong shape"):
+        jax.block_until_ready(_native.lstm_backward(False)(*[steps] * 6, steps[:2],
+                                                           w.T, h0, h0))
+
+
+def test_cpu_gru_kernel_checks_its_shapes(native):
+    """As the LSTM's: the GRU kernels name themselves and the operand; a cotangent of no
+    steps (zero) is accepted, one of another number of steps is not."""
+    xs, h0 = np.zeros((3, 2, 4), np.float32), np.zeros((2, 5), np.float32)
+    w_in, w = np.zeros((4, 15), np.float32), np.zeros((5, 15), np.float32)
+    bias = np.zeros((15,), np.float32)
+    with pytest.raises(Exception, match="jax_rnn_gru_forward: b has the wrong shape"):
+        jax.block_until_ready(_native.gru_forward(True, False)(xs, w_in, bias, w, bias[:5], h0))
+    steps, none = np.zeros((3, 2, 5), np.float32), np.zeros((0, 2, 5), np.float32)
+    backward = _native.gru_backward(False)
+    tape = [steps + k for k in (0.0, 0.2, 0.5, -0.3, 0.7)]  # h_in, r, z, n, gh_n
+    got = backward(*tape, none, none, w.T + 0.1, h0 + 1)
+    want = _kernels._gru_backward_scan(False, *tape, None, None, w.T + 0.1, h0 + 1)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    with pytest.raises(Exception, match="jax_rnn_gru_backward: d_state has the wrong shape"):
+        jax.block_until_ready(backward(*[steps] * 5, steps[:2], none, w.T, h0))

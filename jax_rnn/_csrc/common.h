@@ -1,4 +1,4 @@
-// Shared by the CPU kernels (elman.cc, lstm.cc): float32 vectors, the activations,
+// Shared by the CPU kernels (elman.cc, gru.cc, lstm.cc): float32 vectors, the activations,
 // the loop runner that shares steps with XLA's thread pool, and operand checks.
 
 #ifndef JAX_RNN_CSRC_COMMON_H_
@@ -109,17 +109,20 @@ inline Vec Relu(Vec x) { return x < 0.0f ? Splat(0.0f) : x; }
 
 enum Activation : int32_t { kTanh = 0, kRelu = 1 };
 
-// acc[r][q] += a[r, :] @ m[:, 16 q:16 (q + 1)] for rows a (stride lda) and a panel m of
-// G vectors of 16 columns (row stride 16 G), over `depth` columns of a.
-template <int R, int G>
+// acc[r][Slots[q]] += a[r, :] @ m[:, 16 q:16 (q + 1)] for rows a (stride lda) and a
+// panel m of K = sizeof...(Slots) vectors of 16 columns (row stride 16 K), over `depth`
+// columns of a: each of the panel's vectors adds into its slot of a row's G accumulators.
+template <int R, int G, int... Slots>
 inline void Product(const float* a, int64_t lda, const float* m, int64_t depth,
-                    Vec (&acc)[R][G]) {
+                    Vec (&acc)[R][G], std::integer_sequence<int, Slots...>) {
+  constexpr int K = sizeof...(Slots);
+  constexpr int slot[K] = {Slots...};
   for (int64_t k = 0; k < depth; ++k) {
-    Vec w[G];
-    for (int q = 0; q < G; ++q) w[q] = Load(m + (k * G + q) * kLanes);
+    Vec w[K];
+    for (int q = 0; q < K; ++q) w[q] = Load(m + (k * K + q) * kLanes);
     for (int r = 0; r < R; ++r) {
       const float v = a[r * lda + k];
-      for (int q = 0; q < G; ++q) acc[r][q] += v * w[q];
+      for (int q = 0; q < K; ++q) acc[r][slot[q]] += v * w[q];
     }
   }
 }
@@ -222,6 +225,16 @@ inline auto InOrder(int64_t cols) {
   };
 }
 
+// The columns of gates side by side ([gate 0 | gate 1 | ...], `hidden` columns each), for
+// panels of one vector per gate: panel p's vector q is gate q's columns for hidden units
+// 16 p on, so that one panel's product gives every gate of 16 units (for PackPanels).
+inline auto GateColumns(int64_t hidden) {
+  return [hidden](int64_t p, int q) {
+    return std::pair<int64_t, int64_t>{q * hidden + p * kLanes,
+                                       std::min<int64_t>(kLanes, hidden - p * kLanes)};
+  };
+}
+
 // Rows of one operand of a step's product: row r is a + r * depth, `depth` long.
 struct Rows {
   const float* a;
@@ -268,18 +281,21 @@ template <int G>
 constexpr int kBlockRows = G == 1 ? 4 : 2;
 #endif
 
-// One panel m of G vectors of a step's product (PackPanels' layout: x's depth rows, then
-// h's): for every row r, acc (G vectors) from start(r, acc), plus [x[r], h[r]] @ m, then
+// One panel m of a step's product (PackPanels' layout: x's depth rows of XSlots' vectors,
+// then h's of HSlots'; by default G vectors each): for every row r, G accumulators from
+// start(r, acc), plus [x[r], h[r]] @ m, each vector of m adding into its slot, then
 // finish(r, acc).
-template <int G, typename Start, typename Finish>
+template <int G, typename XSlots = std::make_integer_sequence<int, G>,
+          typename HSlots = XSlots, typename Start, typename Finish>
 void WidePanel(Rows x, Rows h, const float* m, int64_t batch, const Start& start,
                const Finish& finish) {
   ForBlocks<kBlockRows<G>>(batch, [&](auto rows, int64_t r) {
     constexpr int R = decltype(rows)::value;
     Vec acc[R][G];
     for (int i = 0; i < R; ++i) start(r + i, acc[i]);
-    if (x.depth > 0) Product<R, G>(x.a + r * x.depth, x.depth, m, x.depth, acc);
-    Product<R, G>(h.a + r * h.depth, h.depth, m + x.depth * G * kLanes, h.depth, acc);
+    if (x.depth > 0) Product(x.a + r * x.depth, x.depth, m, x.depth, acc, XSlots{});
+    Product(h.a + r * h.depth, h.depth, m + x.depth * XSlots::size() * kLanes, h.depth, acc,
+            HSlots{});
     for (int i = 0; i < R; ++i) finish(r + i, acc[i]);
   });
 }

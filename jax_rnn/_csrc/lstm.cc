@@ -27,15 +27,6 @@ namespace {
 
 constexpr int kGates = 4;  // i, f, g, o
 
-// Panel p of the packed gate weights (PackPanels): its vector q is gate q's columns for
-// hidden units 16 p on, so that one panel's product gives all four gates of 16 units.
-inline auto GateColumns(int64_t hidden) {
-  return [hidden](int64_t p, int q) {
-    return std::pair<int64_t, int64_t>{q * hidden + p * kLanes,
-                                       std::min<int64_t>(kLanes, hidden - p * kLanes)};
-  };
-}
-
 // The forward loop. c_final holds the running cell state (c0 at first, updated in place:
 // each panel owns its columns). With the tape, i, f, o and c_in are (T, B, H); without,
 // (0, B, H).
