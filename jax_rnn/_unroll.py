@@ -744,9 +744,10 @@ def unroll(
             Elman cell's (tanh or relu; float32, one batch axis or none, no
             ``seq_lengths``, ``resets`` or ``truncate``) forward and backward loops as
             one kernel each, as cuDNN does: on an NVIDIA GPU a Pallas kernel (at most
-            128 hidden units), on a CPU a C++ kernel compiled on first use; on a CPU an
-            LSTM's too, under the same conditions (differentiated: at most 128 hidden
-            units). The environment variable ``JAX_RNN_KERNELS=off`` turns them off.
+            128 hidden units), on a CPU a C++ kernel compiled on first use; on a CPU a
+            GRU's and an LSTM's too, under the same conditions (the LSTM's differentiated
+            calls: at most 128 hidden units). The environment variable
+            ``JAX_RNN_KERNELS=off`` turns them off.
         method: ``"sequential"`` (default): one step after another with
             :func:`jax.lax.scan`. ``"deer"`` / ``"quasi_deer"``: parallel-in-time
             evaluation by Newton's method over the whole sequence, each iteration a linear
