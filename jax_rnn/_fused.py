@@ -19,8 +19,9 @@ Here, as in cuDNN,
    chunk's gate gradients are still in the cache when the contractions read them
    (``_by_chunks``). The ``custom_vjp`` takes symbolic zeros: where a loss does not read
    the pre-activations or the states (most losses leave one of them out), their
-   cotangents stay ``None`` rather than ``(T, *batch, H)`` arrays of zeros, and the
-   backward loops add nothing for them.
+   cotangents stay ``None`` rather than ``(T, *batch, H)`` arrays of zeros, and XLA's
+   backward loops and the C++ kernels add nothing for them (the compact LSTM path and
+   the GPU kernels, which read every step's cotangents, take zeros).
 
 Each cell is split into its recurrent matrix product and a ``pointwise`` part
 ``(gx_t, gh_t, carry) -> (carry, pre_activation, gates)``. The differentiated forward
@@ -75,7 +76,7 @@ from jax import Array
 
 from . import _kernels
 from ._elman import ElmanParams
-from ._gru import GRUParams, gru_step
+from ._gru import GRUParams, gru_pointwise, gru_step
 from ._kernels import plus as _plus
 from ._kernels import project as _project
 from ._lstm import LSTMParams, LSTMState, lstm_step
@@ -111,7 +112,8 @@ class Loops(NamedTuple):
     Attributes:
         forward: ``(residuals, reverse, w_in, b_in, w, b, xs, carry0) -> (final, tape)``,
             the forward loop; ``residuals``: the tape holds what ``backward`` reads.
-        backward: ``(reverse, w, tape, d_carry, d_pre, d_state) -> (d_carry0, d_out)``,
+        backward: ``(reverse, w, tape, d_carry, d_pre, d_state) -> (d_carry0, d_out)``
+            (``d_pre``, ``d_state``: ``None`` where zero),
             the backward loop over the tape's steps, ``d_out`` for ``gate_grads``.
         gpu: whether the loops have GPU kernels too (else they run on CPUs only).
         gh_first: the weight gradients from ``d_out`` are computed transposed (see
@@ -158,7 +160,7 @@ class FusedCell(NamedTuple):
     recurrent_bias: Callable[[Any], Array | None]
     pointwise: Callable[[Array, Array, Any], tuple[Any, Array, Any]]
     hidden: Callable[[Any], Array]
-    prepare: Callable[[Tape, Array, Array], Any]
+    prepare: Callable[[Tape, Array | None, Array | None], Any]
     step_back: Callable[[Array, Any, Any], tuple[Any, Any]]
     gate_grads: Callable[[Any, Tape], tuple[Array, Array]]
     additive: bool = False
@@ -263,16 +265,6 @@ def _elman_loops(pair: _kernels.Kernel) -> Loops:
 
 # GRU: r = s(x_r + h_r), z = s(x_z + h_z), pre = x_n + r * h_n, n = tanh(pre),
 # h' = (1 - z) * n + z * h, with s the sigmoid and [h_r, h_z, h_n] = h @ w + b.
-
-
-def _gru_pointwise(gx: Array, gh: Array, h: Array) -> tuple[Array, Array, Any]:
-    x_r, x_z, x_n = jnp.split(gx, 3, axis=-1)
-    h_r, h_z, h_n = jnp.split(gh, 3, axis=-1)
-    r = jax.nn.sigmoid(x_r + h_r)
-    z = jax.nn.sigmoid(x_z + h_z)
-    pre = x_n + r * h_n
-    n = jnp.tanh(pre)
-    return (1.0 - z) * n + z * h, pre, (r, z, n, h_n)
 
 
 def _gru_prepare(tape: Tape, d_pre: Array | None, d_state: Array | None) -> Any:
@@ -400,7 +392,7 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
     """
     hidden, carry0 = tape.c.shape[-1], tape.carry0
     # Zero cotangents (None) as zeros: one short row of steps, packed with the rest.
-    d_state, d_pre = (jnp.zeros_like(tape.c) if d is None else d for d in (d_state, d_pre))
+    d_state, d_pre = _kernels.zeros_for_none(tape.c, d_state, d_pre)
     i, f, g, o = jnp.split(tape.gates, 4, axis=-1)
     tg = jnp.tanh(g)
     c_in = _previous(tape.c, carry0.c, None, reverse)
@@ -534,7 +526,7 @@ def _gru_loops_backward(reverse: bool, w: Array, tape: Tape, d_carry: Array,
 _GRU = FusedCell(
     input_bias=lambda p: p.b_cell_input,
     recurrent_bias=lambda p: p.b_cell_state,
-    pointwise=_gru_pointwise,
+    pointwise=gru_pointwise,
     hidden=_ident,
     prepare=_gru_prepare,
     step_back=_gru_step_back,

@@ -147,14 +147,22 @@ def gru_step(params: GRUParams, state: Array, x: Array) -> tuple[Array, StepOutp
         gi = gi + params.b_cell_input
     if params.b_cell_state is not None:
         gh = gh + params.b_cell_state
+    new_state, pre, _ = gru_pointwise(gi, gh, state)
+    return new_state, StepOutput(pre, new_state, readout(params, new_state))
+
+
+def gru_pointwise(gi: Array, gh: Array, state: Array,
+                  ) -> tuple[Array, Array, tuple[Array, Array, Array, Array]]:
+    """A GRU step after its two products ``gi = x_t @ w_in + b_in`` and ``gh = state @ w +
+    b``: ``(h_t, pre, (r, z, n, gh_n))`` (also the fused path's and the C++ kernels'
+    reference)."""
     gi_r, gi_z, gi_n = jnp.split(gi, 3, axis=-1)
     gh_r, gh_z, gh_n = jnp.split(gh, 3, axis=-1)
     r = jax.nn.sigmoid(gi_r + gh_r)
     z = jax.nn.sigmoid(gi_z + gh_z)
     pre = gi_n + r * gh_n
     n = jnp.tanh(pre)
-    new_state = (1 - z) * n + z * state
-    return new_state, StepOutput(pre, new_state, readout(params, new_state))
+    return (1.0 - z) * n + z * state, pre, (r, z, n, gh_n)
 
 
 def gru_init(

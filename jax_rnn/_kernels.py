@@ -57,6 +57,7 @@ import jax.numpy as jnp
 from jax import Array
 
 from . import _native
+from ._gru import gru_pointwise
 
 
 def _read_mode(environ: Any) -> str:
@@ -287,13 +288,14 @@ def _as_batch(fn: Callable[..., tuple[Array, ...]], kinds: str,
     """``fn`` of batched arrays made to take one unbatched sequence too, as a batch of one
     row. ``kinds``/``outs``: each argument's/result's kind, ``s`` for steps, ``t`` for
     steps transposed to ``(H, T, B)``, ``r`` for rows (one state), ``m`` for a matrix
-    (unchanged)."""
-    def call(*args: Array) -> tuple[Array, ...]:
-        if args[0].ndim == 3:
+    (unchanged). ``None`` (a zero cotangent) passes through as it is."""
+    def call(*args: Array | None) -> tuple[Array, ...]:
+        if args[0] is not None and args[0].ndim == 3:
             return fn(*args)
         inner = {"s": lambda a: a[:, None], "r": lambda a: a[None], "m": lambda a: a}
         outer = {"s": lambda a: a[:, 0], "r": lambda a: a[0], "t": lambda a: a[..., 0]}
-        results = fn(*(inner[k](a) for a, k in zip(args, kinds, strict=True)))
+        results = fn(*(None if a is None else inner[k](a)
+                       for a, k in zip(args, kinds, strict=True)))
         return tuple(outer[k](a) for a, k in zip(results, outs, strict=True))
 
     return call
@@ -358,8 +360,9 @@ def _no_steps(like: Array, *cotangents: Array | None) -> tuple[Array, ...]:
                  for c in cotangents)
 
 
-def _zeros(like: Array, *cotangents: Array | None) -> tuple[Array, ...]:
-    """Each cotangent, a zero one (``None``) as zeros shaped as ``like``."""
+def zeros_for_none(like: Array, *cotangents: Array | None) -> tuple[Array, ...]:
+    """Each cotangent, a zero one (``None``) as zeros shaped as ``like`` (for the loops
+    that read every step's: the Pallas kernels, the compact LSTM path)."""
     return tuple(jnp.zeros_like(like) if c is None else c for c in cotangents)
 
 
@@ -375,7 +378,7 @@ def _backward_native(code: int, reverse: bool, h: Array, d_state: Array | None,
 def _backward_rows(back: Callable[[Array, Array], Array], reverse: bool, h: Array,
                    d_state: Array | None, d_pre: Array | None, w_t: Array,
                    d_final: Array) -> tuple[Array, Array]:
-    d_state, d_pre = _zeros(h, d_state, d_pre)
+    d_state, d_pre = zeros_for_none(h, d_state, d_pre)
     length, batch, hidden = h.shape
     cols = _padded(hidden)
     kernel = functools.partial(_backward_kernel, back, reverse, cols <= _HOIST_MAX)
@@ -499,13 +502,8 @@ def _gru_forward_scan(tape: bool, reverse: bool, xs: Array, w_in: Array, b_in: A
                       w: Array, b: Array | None, h0: Array) -> tuple[Array, ...]:
     """``gru_forward`` written with ``lax.scan``: its tangents, and the reference."""
     def body(h: Array, gx_t: Array) -> tuple[Array, Any]:
-        gh = project(h, w, b)
-        (x_r, x_z, x_n), (h_r, h_z, h_n) = jnp.split(gx_t, 3, axis=-1), jnp.split(gh, 3, -1)
-        r, z = jax.nn.sigmoid(x_r + h_r), jax.nn.sigmoid(x_z + h_z)
-        pre = x_n + r * h_n
-        n = jnp.tanh(pre)
-        new = (1.0 - z) * n + z * h
-        return new, (new, pre, r, z, n, h_n) if tape else (new, pre)
+        new, pre, gates = gru_pointwise(gx_t, project(h, w, b), h)
+        return new, (new, pre, *gates) if tape else (new, pre)
 
     ys = jax.lax.scan(body, h0, project(xs, w_in, b_in), reverse=reverse)[1]
     return ys if tape else (*ys, *(jnp.zeros((0, *h0.shape), h0.dtype),) * 4)

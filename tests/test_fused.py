@@ -114,41 +114,56 @@ _READS = {  # a loss of one of unroll's results: the others' cotangents are symb
     "pre-activations": lambda final, ys: jnp.sum(jnp.sin(ys.pre_activation)),
     "outputs": lambda final, ys: jnp.sum(jnp.sin(ys.output)),
 }
-_PATHS = {  # dtype, batch, steps per chunk of the backward pass
-    "general": (np.float64, (2,), None),
-    "chunks": (np.float64, (2,), 3),
-    "compact": (np.float64, (1,), None),  # the LSTM's and GRU's compact paths (CPUs)
-    "kernels": (np.float32, (3,), None),  # the Elman cells' and LSTM's kernels (CPUs)
+_PATHS = {  # dtype, batch, steps, steps per chunk of the backward pass
+    "general": (np.float64, (2,), 7, None),
+    "chunks": (np.float64, (2,), 8, 3),
+    "compact": (np.float64, (1,), 7, None),  # the LSTM's and GRU's compact paths (CPUs)
+    "kernels": (np.float32, (3,), 7, None),  # the C++ kernels of every built-in cell (CPUs)
 }
 
 
-@settings(max_examples=6)
-@given(name=st.sampled_from(sorted(BACKWARD_CELLS)), reads=st.sampled_from(sorted(_READS)),
-       path=st.sampled_from(sorted(_PATHS)), seed=st.integers(0, 100))
-def test_losses_of_one_result_equal_scan(name, reads, path, seed):
+@pytest.mark.parametrize(("path", "name", "reads"), [
+    ("general", "elman_user", "final carry"),
+    ("general", "gru", "pre-activations"),
+    ("chunks", "lstm", "states"),
+    ("chunks", "elman", "final carry"),
+    ("compact", "lstm", "outputs"),
+    ("compact", "gru", "final carry"),
+    ("kernels", "elman_relu", "pre-activations"),
+    ("kernels", "gru", "final carry"),
+    ("kernels", "lstm", "states"),
+    ("kernels", "elman", "outputs"),
+])
+def test_losses_of_one_result_equal_scan(path, name, reads):
     """A loss that reads one of unroll's results only (the final carry, the states, the
     pre-activations or the outputs): the others' cotangents reach the backward pass as
-    symbolic zeros, which every backward path adds as nothing. Gradients against plain
-    autodiff through scan."""
-    dtype, batch, chunk = _PATHS[path]
+    symbolic zeros, which each backward path adds as nothing (or as zeros). Gradients
+    against plain autodiff through scan; the chunked and the kernels' paths are taken."""
+    dtype, batch, steps, chunk = _PATHS[path]
     cell = BACKWARD_CELLS[name]
-    params = cell.init(jax.random.key(seed), 3, 5, 2, dtype=dtype)
-    rng = np.random.default_rng(seed)
-    xs = rng.normal(size=(7, *batch, 3)).astype(dtype)
+    params = cell.init(jax.random.key(steps), 3, 5, 2, dtype=dtype)
+    rng = np.random.default_rng(steps)
+    xs = rng.normal(size=(steps, *batch, 3)).astype(dtype)
     state0 = jax.tree.map(lambda a: (a + rng.normal(size=a.shape)).astype(dtype),
                           cell.initial_state(params, batch))
 
-    def loss(params, xs, state0, impl):
+    def loss(params, xs, state0, impl="fused"):
         return _READS[reads](*jax_rnn.unroll(cell, params, xs, state0, impl=impl))
 
     grad = jax.grad(loss, argnums=(0, 1, 2))
+    runs: list[int] = []
+    by_chunks = jax_rnn._fused._by_chunks
     with pytest.MonkeyPatch.context() as patch:
         if chunk is not None:
+            # 8 steps: no other case here traces unroll with these shapes (its jit cache
+            # would hold a trace made without chunks), and the spy sees this one's trace.
             patch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: chunk)
-            jax.clear_caches()  # unroll's traces may be of another chunk length
-        fused = grad(params, xs, state0, "fused")
-    if chunk is not None:
-        jax.clear_caches()
+            patch.setattr(jax_rnn._fused, "_by_chunks",
+                          lambda *a: runs.append(a[3]) or by_chunks(*a))
+        fused = grad(params, xs, state0)
+    assert runs == ([] if chunk is None else [chunk])
+    if path == "kernels" and ON_CPU and _kernels.mode() == "cpu":
+        assert "target_name=jax_rnn_" in str(jax.make_jaxpr(grad)(params, xs, state0))
     scan = grad(params, xs, state0, "scan")
     tol = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5)}
     for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
@@ -292,11 +307,13 @@ def _spy_compact(monkeypatch) -> list[str]:
     ("gru", (2,), 4, 5, False, None, np.float64, None, False),
 ])
 def test_compact_paths_equal_scan(cell, batch, hidden, t, reverse, readout, dtype, drop, compact,
-                                  monkeypatch):
+                                  monkeypatch, fresh_traces):
     """The LSTM's and GRU's compact paths (one row per step, small hidden size, CPUs)
     against plain autodiff through scan: outputs, pre-activations, final carry and every
     gradient, with a loss that gives each of them a cotangent (and params without one of
-    the biases); and each path is taken exactly where it should be."""
+    the biases); and each path is taken exactly where it should be. The C++ kernels, which
+    take precedence over these paths in float32 (tests/test_kernels.py), are off."""
+    monkeypatch.setattr(_kernels, "MODE", "off")
     taken = _spy_compact(monkeypatch)
     model = getattr(jax_rnn, cell)
     params = model.init(jax.random.key(hidden + t), 3, hidden, readout, dtype=dtype)
@@ -309,10 +326,7 @@ def test_compact_paths_equal_scan(cell, batch, hidden, t, reverse, readout, dtyp
     grad = jax.jit(jax.value_and_grad(_loss, argnums=(1, 2, 3)), static_argnums=(0, 4),
                    static_argnames="reverse")
     fused = grad(model, params, xs, state0, "fused", reverse=reverse)
-    # A float32 LSTM or GRU runs the C++ kernels instead where they are on (faster: they
-    # take precedence over the compact paths)
-    kernel = dtype == np.float32 and _kernels.mode() == "cpu"
-    assert taken == ([f"_{cell}_compact_forward"] if compact and ON_CPU and not kernel else [])
+    assert taken == ([f"_{cell}_compact_forward"] if compact and ON_CPU else [])
     scan = grad(model, params, xs, state0, "scan", reverse=reverse)
     tol = {np.float64: dict(rtol=1e-12, atol=1e-12), np.float32: dict(rtol=2e-5, atol=2e-5)}
     for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):

@@ -549,7 +549,7 @@ def test_cpu_gated_kernel_values_and_gradients(native, cell, steps, batch, input
     (2, None, 3, True, "none"),  # unbatched, no biases (a zero bias inside)
     (3, 13, 17, True, "input"),  # row blocks of 6, 6 and 1; panels of 16 and 1 units
     (4, 12, 32, False, "state"),  # exact blocks and panels
-    (30, 32, 48, True, "both"),  # shared with a second thread (32 * 50 * 144 > 2^15)
+    (30, 32, 48, True, "both"),  # shared with a second thread (32 * 50 * 144 > 2^15, GRU)
 ])
 def test_cpu_gated_kernel_edge_cases(native, cell, steps, batch, hidden, reverse, biases):
     _check_gated(steps, batch, 2, hidden, 1.0, reverse, seed=21, biases=biases, cell=cell)
@@ -572,11 +572,12 @@ def test_cpu_gated_kernel_backward_in_chunks(native, monkeypatch, cell):
     _check_gated(7, 2, 2, 5, 1.0, False, seed=22, kernels_run=(1, 3), cell=cell)
 
 
-def test_kernel_backward_with_zero_cotangents(kernels):
+@pytest.mark.parametrize("batch", [4, None])
+def test_kernel_backward_with_zero_cotangents(kernels, batch):
     """The Pallas backward kernel (interpreted on a CPU) with a loss of the final state
-    alone: the states' and pre-activations' cotangents are symbolic zeros, passed to it as
-    zeros. Gradients against impl="scan"."""
-    params, xs, state0 = _problem(jax_rnn.elman, 6, 4, 3, 5, 1.0, seed=32)
+    alone, batched or one sequence: the states' and pre-activations' cotangents are
+    symbolic zeros, passed to it as zeros. Gradients against impl="scan"."""
+    params, xs, state0 = _problem(jax_rnn.elman, 6, batch, 3, 5, 1.0, seed=32)
 
     def loss(params, impl="fused"):
         return jnp.sum(jnp.sin(jax_rnn.unroll(jax_rnn.elman, params, xs, state0,

@@ -268,9 +268,9 @@ inline void StoreN(float* p, Vec v, int n) {
   if (n == kLanes) Store(p, v); else StorePart(p, v, n);
 }
 
-// Rows per block of a product with G vectors per panel (1 or 4): 8 x 1 accumulator
-// vectors, or 6 x 4 (with the 4 weight vectors of a step in k, within AVX-512's 32
-// registers; 4 x 4 made the LSTM's forward loop 1.5x slower at T=1000, B=32, H=128).
+// Rows per block of a product with G accumulator vectors a row (1 or 4): 8 x 1, or 6 x 4
+// (with the 3 or 4 weight vectors of a step in k, within AVX-512's 32 registers; 4 x 4
+// made the LSTM's forward loop 1.5x slower at T=1000, B=32, H=128).
 // Without AVX-512 a vector takes 2 or 4 registers, and the blocks are smaller (not
 // measured: this project's machines have AVX-512).
 #if defined(__AVX512F__)
