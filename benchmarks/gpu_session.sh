@@ -70,9 +70,10 @@ phase bench 250 "$LOG" "$PY" -m jax_rnn bench --precision highest --out "$OUT" \
     --peers scan flax equinox torch --repeats 5 --budget 0.5}
 export JAX_DEFAULT_MATMUL_PRECISION=highest
 # shellcheck disable=SC2086
-# -k: the C++ kernels' tests are for a CPU backend (they fail on a GPU by design).
+# -k: the C++ kernels' tests (test_cpu_*, and the cases run with the "native" setup) are
+# for a CPU backend (they fail on a GPU by design).
 phase tests 120 "$OUT/tests.log" "$PY" -m pytest -p no:cacheprovider -v ${TEST_ARGS:--n 8} \
-    -k "not cpu_kernel and not native" \
+    -k "not test_cpu_ and not native" \
     tests/test_kernels.py tests/test_fused.py tests/test_parallel.py tests/test_unroll_parallel.py \
     tests/test_gated_cells.py tests/test_core.py >/dev/null
 # shellcheck disable=SC2086
