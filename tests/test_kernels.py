@@ -401,7 +401,8 @@ def test_cpu_kernels_fall_back_with_a_warning(monkeypatch, tmp_path):
         np.testing.assert_allclose(run(params, xs, state0)[1].state,
                                    jax_rnn.unroll(cell, params, xs, state0,
                                                   impl="scan")[1].state, rtol=1e-6, atol=1e-6)
-        assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+        # no half-written library left behind (the lock file that serialises compiles is)
+        assert [p.suffix for p in tmp_path.iterdir()] in ([], [".lock"])
     finally:
         monkeypatch.undo()
         _native._load.cache_clear()
