@@ -97,7 +97,7 @@ class Tape(NamedTuple):
         state: the public states (zero at masked steps).
         gates: the cell's activations, the third result of its ``pointwise``; after a
             kernel, what its backward kernel reads (the LSTM's: ``_kernels.LstmTape``;
-            the Elman cell's: ``()``).
+            the GRU's: ``_kernels.GruTape``, as its XLA loop's; the Elman cell's: ``()``).
     """
 
     h_in: Array | None

@@ -320,6 +320,42 @@ void RunProduct(ffi::ThreadPool& pool, int64_t steps, int64_t cols,
   });
 }
 
+// The forward loop of a gated cell (lstm.cc, gru.cc) over the inputs xs (T, B, I) from h0,
+// writing its states to h (T, B, H), in time order or reversed: each step's product of
+// [x_t, h_{t-1}] with [w_in; w] (each (., kGates * hidden), the gates side by side) runs
+// in panels of the kGates gates of 16 hidden units (GateColumns), with G accumulators a
+// row started from `starts` (G * hidden: accumulator q of unit j at q * hidden + j) and
+// the gates' vectors adding into the XSlots (input rows) and HSlots (state rows) of them
+// (WidePanel). finish(t, r, j, n, h_prev, acc) then writes row r's hidden units j..j+n-1
+// of step t (h_prev: the step's input states, by rows of `hidden`).
+template <int G, typename XSlots, typename HSlots, typename Finish>
+void RunGatedForward(ffi::ThreadPool& pool, int64_t length, int64_t batch, int64_t inputs,
+                     int64_t hidden, bool reverse, const float* xs, const float* w_in,
+                     const float* w, const float* starts, const float* h0, const float* h,
+                     const Finish& finish) {
+  constexpr int kGates = static_cast<int>(XSlots::size());
+  const int64_t panels = (hidden + kLanes - 1) / kLanes, size = batch * hidden;
+  const std::vector<float> packed = PackPanels({{w_in, inputs}, {w, hidden}},
+                                               kGates * hidden, panels, kGates,
+                                               GateColumns(hidden));
+  const std::vector<float> bias =
+      PackPanels({{starts, 1}}, G * hidden, panels, G, GateColumns(hidden));
+  auto panel = [&](int64_t step, int64_t p) {
+    const int64_t t = reverse ? length - 1 - step : step;
+    const float* prev = step == 0 ? h0 : h + (reverse ? t + 1 : t - 1) * size;
+    const int64_t j = p * kLanes;
+    const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
+    auto start = [&](int64_t, auto& acc) {
+      for (int q = 0; q < G; ++q) acc[q] = Load(bias.data() + (p * G + q) * kLanes);
+    };
+    auto finish_row = [&](int64_t r, auto& acc) { finish(t, r, j, n, prev, acc); };
+    WidePanel<G, XSlots, HSlots>(Rows{xs + t * batch * inputs, inputs}, Rows{prev, hidden},
+                                 packed.data() + p * (inputs + hidden) * kGates * kLanes,
+                                 batch, start, finish_row);
+  };
+  Run(pool, length, panels, batch * (inputs + hidden) * kGates * hidden, panel);
+}
+
 // The backward loop of a cell, in the backward order of its steps s = 0, ..., length - 1:
 // gate(s, r, j, n, d) turns the cotangent d of step s's output state (row r, columns
 // j..j+n-1) into that step's pre-activation gradients, which source(s) holds by rows

@@ -55,10 +55,6 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   }
   const int64_t size = batch * hidden;
   if (length == 0 || size == 0) return ffi::Error::Success();
-  const int64_t panels = (hidden + kLanes - 1) / kLanes;
-  const std::vector<float> packed =
-      PackPanels({{w_in.typed_data(), inputs}, {w.typed_data(), hidden}}, kGates * hidden,
-                 panels, kGates, GateColumns(hidden));
   // The accumulators' starting values: [b_in_r + b_r, b_in_z + b_z, b_in_n, b_n].
   std::vector<float> starts(4 * hidden);
   const float *bi_p = b_in.typed_data(), *b_p = b.typed_data();
@@ -68,41 +64,29 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
     starts[2 * hidden + j] = bi_p[2 * hidden + j];
     starts[3 * hidden + j] = b_p[2 * hidden + j];
   }
-  const std::vector<float> bias =
-      PackPanels({{starts.data(), 1}}, 4 * hidden, panels, 4, GateColumns(hidden));
-  const float* xs_p = xs.typed_data();
   float *h_p = h->typed_data(), *pre_p = pre->typed_data(), *r_p = r->typed_data();
   float *z_p = z->typed_data(), *n_p = n->typed_data(), *ghn_p = gh_n->typed_data();
+  auto finish = [&](int64_t t, int64_t row, int64_t j, int count, const float* prev,
+                    auto& acc) {
+    const int64_t at = (t * batch + row) * hidden + j;
+    const Vec rg = Sigmoid(acc[0]), zg = Sigmoid(acc[1]);
+    const Vec a = acc[2] + rg * acc[3];
+    const Vec ng = Tanh(a);
+    const Vec h_prev = LoadN(prev + row * hidden + j, count);
+    StoreN(h_p + at, (1.0f - zg) * ng + zg * h_prev, count);
+    StoreN(pre_p + at, a, count);
+    if (tape) {
+      StoreN(r_p + at, rg, count);
+      StoreN(z_p + at, zg, count);
+      StoreN(n_p + at, ng, count);
+      StoreN(ghn_p + at, acc[3], count);
+    }
+  };
   using XSlots = std::integer_sequence<int, 0, 1, 2>;  // gx_r, gx_z, gx_n
   using HSlots = std::integer_sequence<int, 0, 1, 3>;  // gh_r, gh_z, gh_n
-  auto panel = [&](int64_t step, int64_t p) {
-    const int64_t t = reverse ? length - 1 - step : step;
-    const float* prev = step == 0 ? h0.typed_data() : h_p + (reverse ? t + 1 : t - 1) * size;
-    const int64_t j0 = p * kLanes;
-    const int count = static_cast<int>(std::min<int64_t>(kLanes, hidden - j0));
-    auto start = [&](int64_t, auto& acc) {
-      for (int q = 0; q < 4; ++q) acc[q] = Load(bias.data() + (p * 4 + q) * kLanes);
-    };
-    auto finish = [&](int64_t row, auto& acc) {
-      const int64_t at = (t * batch + row) * hidden + j0;
-      const Vec rg = Sigmoid(acc[0]), zg = Sigmoid(acc[1]);
-      const Vec a = acc[2] + rg * acc[3];
-      const Vec ng = Tanh(a);
-      const Vec h_prev = LoadN(prev + row * hidden + j0, count);
-      StoreN(h_p + at, (1.0f - zg) * ng + zg * h_prev, count);
-      StoreN(pre_p + at, a, count);
-      if (tape) {
-        StoreN(r_p + at, rg, count);
-        StoreN(z_p + at, zg, count);
-        StoreN(n_p + at, ng, count);
-        StoreN(ghn_p + at, acc[3], count);
-      }
-    };
-    WidePanel<4, XSlots, HSlots>(Rows{xs_p + t * batch * inputs, inputs}, Rows{prev, hidden},
-                                 packed.data() + p * (inputs + hidden) * kGates * kLanes,
-                                 batch, start, finish);
-  };
-  Run(pool, length, panels, batch * (inputs + hidden) * kGates * hidden, panel);
+  RunGatedForward<4, XSlots, HSlots>(pool, length, batch, inputs, hidden, reverse,
+                                     xs.typed_data(), w_in.typed_data(), w.typed_data(),
+                                     starts.data(), h0.typed_data(), h_p, finish);
   return ffi::Error::Success();
 }
 

@@ -62,44 +62,28 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   float* c_p = c_final->typed_data();
   if (size > 0) std::memcpy(c_p, c0.typed_data(), size * sizeof(float));
   if (length == 0 || size == 0) return ffi::Error::Success();
-  const int64_t panels = (hidden + kLanes - 1) / kLanes, width_p = kGates * kLanes;
-  const std::vector<float> packed =
-      PackPanels({{w_in.typed_data(), inputs}, {w.typed_data(), hidden}}, kGates * hidden,
-                 panels, kGates, GateColumns(hidden));
-  const std::vector<float> bias =
-      PackPanels({{b.typed_data(), 1}}, kGates * hidden, panels, kGates, GateColumns(hidden));
-  const float* xs_p = xs.typed_data();
   float *h_p = h->typed_data(), *g_p = g->typed_data(), *i_p = i->typed_data();
   float *f_p = f->typed_data(), *o_p = o->typed_data(), *ci_p = c_in->typed_data();
-  auto panel = [&](int64_t step, int64_t p) {
-    const int64_t t = reverse ? length - 1 - step : step;
-    const float* prev = step == 0 ? h0.typed_data() : h_p + (reverse ? t + 1 : t - 1) * size;
-    const float* x_t = xs_p + t * batch * inputs;
-    const int64_t j0 = p * kLanes;
-    const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j0));
-    auto start = [&](int64_t, auto& acc) {
-      for (int q = 0; q < kGates; ++q) acc[q] = Load(bias.data() + p * width_p + q * kLanes);
-    };
-    auto finish = [&](int64_t r, auto& acc) {
-      const int64_t at = (t * batch + r) * hidden + j0;
-      const Vec ig = Sigmoid(acc[0]), fg = Sigmoid(acc[1]), og = Sigmoid(acc[3]);
-      float* c_row = c_p + r * hidden + j0;
-      const Vec c_prev = LoadN(c_row, n);
-      const Vec c = fg * c_prev + ig * Tanh(acc[2]);
-      StoreN(c_row, c, n);
-      StoreN(h_p + at, og * Tanh(c), n);
-      StoreN(g_p + at, acc[2], n);
-      if (tape) {
-        StoreN(i_p + at, ig, n);
-        StoreN(f_p + at, fg, n);
-        StoreN(o_p + at, og, n);
-        StoreN(ci_p + at, c_prev, n);
-      }
-    };
-    WidePanel<kGates>(Rows{x_t, inputs}, Rows{prev, hidden},
-                      packed.data() + p * (inputs + hidden) * width_p, batch, start, finish);
+  auto finish = [&](int64_t t, int64_t r, int64_t j, int n, const float*, auto& acc) {
+    const int64_t at = (t * batch + r) * hidden + j;
+    const Vec ig = Sigmoid(acc[0]), fg = Sigmoid(acc[1]), og = Sigmoid(acc[3]);
+    float* c_row = c_p + r * hidden + j;
+    const Vec c_prev = LoadN(c_row, n);
+    const Vec c = fg * c_prev + ig * Tanh(acc[2]);
+    StoreN(c_row, c, n);
+    StoreN(h_p + at, og * Tanh(c), n);
+    StoreN(g_p + at, acc[2], n);
+    if (tape) {
+      StoreN(i_p + at, ig, n);
+      StoreN(f_p + at, fg, n);
+      StoreN(o_p + at, og, n);
+      StoreN(ci_p + at, c_prev, n);
+    }
   };
-  Run(pool, length, panels, batch * (inputs + hidden) * kGates * hidden, panel);
+  using Gates = std::make_integer_sequence<int, kGates>;  // i, f, g, o: one slot each
+  RunGatedForward<kGates, Gates, Gates>(pool, length, batch, inputs, hidden, reverse,
+                                        xs.typed_data(), w_in.typed_data(), w.typed_data(),
+                                        b.typed_data(), h0.typed_data(), h_p, finish);
   return ffi::Error::Success();
 }
 
