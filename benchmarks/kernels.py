@@ -7,9 +7,10 @@ On an NVIDIA GPU (the Pallas kernels, Elman only) or a CPU (the C++ kernels), fo
 size, in one process: ``jax_rnn.unroll(cell, ...)`` (default ``elman``) forward and
 forward+backward (loss = sum of the states, gradient with respect to every parameter)
 with the kernels (``"kernel"``: the default; on a GPU also ``"kernel_*"``: the same with
-8 warps instead of 4, or with ``w`` kept in registers or not), with them off (``"xla"``:
-the fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's ``nn.RNN``
-(``nn.GRU``, ``nn.LSTM``) on the same weights (``"cudnn"`` on a GPU, ``"torch"`` on a
+8 warps instead of 4, or with ``w`` kept in registers or not; on a CPU
+``"kernel_huge_pages"``: asking for huge pages, ``_native.HUGE_PAGES``), with them off
+(``"xla"``: the fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's
+``nn.RNN`` (``nn.GRU``, ``nn.LSTM``) on the same weights (``"cudnn"`` on a GPU, ``"torch"`` on a
 CPU). ``--max-hidden`` lets the GPU kernels run at hidden sizes over
 ``jax_rnn._kernels.MAX_HIDDEN``, to measure them there. float32 with full-precision
 products everywhere (JAX "highest", PyTorch's TF32 off). Every variant is compiled
@@ -38,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_rnn
-from jax_rnn import _bench, _kernels
+from jax_rnn import _bench, _kernels, _native
 from jax_rnn import _bench_peers as bp
 
 SIZES = {  # T, B, I, H: three of the issue #4 bench sizes, and one at H = 64 with B = 32
@@ -49,9 +50,10 @@ SIZES = {  # T, B, I, H: three of the issue #4 bench sizes, and one at H = 64 wi
     "t200_b64": (200, 64, 256, 512),  # CPUs only (over the GPU kernels' MAX_HIDDEN)
     "tiny": (20, 3, 2, 8),  # a smoke test
 }
-VARIANTS = {  # name: (JAX_RNN_KERNELS, {knob of jax_rnn._kernels: value})
+VARIANTS = {  # name: (JAX_RNN_KERNELS, {knob of jax_rnn._kernels (or _native.X): value})
     "xla": ("off", {}),
     "kernel": ("auto", {}),
+    "kernel_huge_pages": ("auto", {"_native.HUGE_PAGES": True}),
     "kernel_8warps": ("auto", {"_NUM_WARPS": 8}),
     "kernel_hoist_flipped": ("auto", {"_HOIST_MAX": "flip"}),
 }
@@ -61,12 +63,16 @@ def _compile(variant: str, cell: Any, hidden: int, params: Any,
              xs: Any) -> tuple[Any, Any, float]:
     """AOT-compiled forward and forward+backward of one variant, and the compile time."""
     mode, knobs = VARIANTS[variant]
-    saved = {k: getattr(_kernels, k) for k in ("MODE", *knobs)}
+
+    def where(knob: str) -> tuple[Any, str]:
+        return (_native, knob[8:]) if knob.startswith("_native.") else (_kernels, knob)
+
+    saved = {k: getattr(*where(k)) for k in ("MODE", *knobs)}
     _kernels.MODE = mode
     for knob, value in knobs.items():
         if value == "flip":  # the other side of the default's choice for this hidden size
             value = 0 if hidden <= saved[knob] else 1 << 20
-        setattr(_kernels, knob, value)
+        setattr(*where(knob), value)
     jax.clear_caches()  # unroll's traces hold the kernel choice
     try:
         def forward(p, x):
@@ -85,7 +91,7 @@ def _compile(variant: str, cell: Any, hidden: int, params: Any,
         return (fwd, grad), uses, time.perf_counter() - start
     finally:
         for knob, value in saved.items():
-            setattr(_kernels, knob, value)
+            setattr(*where(knob), value)
         jax.clear_caches()
 
 
@@ -142,7 +148,8 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="default: all on a GPU; xla and kernel on a CPU (the others "
-                             "are knobs of the GPU kernels)")
+                             "are knobs of the GPU kernels, and kernel_huge_pages: the CPU "
+                             "kernels with huge pages, _native.HUGE_PAGES)")
     parser.add_argument("--cell", default="elman",
                         choices=["elman", "elman_relu", "gru", "lstm"])
     parser.add_argument("--max-hidden", type=int, default=_kernels.MAX_HIDDEN)

@@ -40,6 +40,32 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+
+def _read_huge_pages(environ: Any) -> bool:
+    """The setting of ``JAX_RNN_HUGE_PAGES`` (default off); anything else than ``on`` or
+    ``off`` is a clear error."""
+    value = environ.get("JAX_RNN_HUGE_PAGES", "off").strip().lower()
+    if value not in ("on", "off"):
+        raise ValueError(f"jax_rnn: the environment variable JAX_RNN_HUGE_PAGES must be "
+                         f"\"on\" or \"off\", got {environ['JAX_RNN_HUGE_PAGES']!r}: unset "
+                         f"it for the default (\"off\")")
+    return value == "on"
+
+
+HUGE_PAGES = _read_huge_pages(os.environ)
+"""Whether the kernels ask Linux for transparent huge pages (``madvise(MADV_HUGEPAGE)``)
+for the 2 MiB-aligned part of each result before they write it: ``JAX_RNN_HUGE_PAGES=on``
+at import, or this attribute before tracing (default ``False``). XLA maps the memory of a
+computation's intermediate arrays anew for every call, and each first write to a 4 KiB
+page is a page fault; with the advice it is one per 2 MiB page. Results are the same
+either way. Measured on a 2-core VM (docs/performance.md, "Huge pages, opt-in"): with
+calls back to back, an LSTM's or GRU's forward+backward at T=1000, B=32 took 10–25% less
+time; but that VM hands freed 2 MiB blocks back to its host (virtio-balloon free page
+reporting), and where calls were seconds apart (a benchmark that interleaves libraries)
+some calls took twice as long, hence off by default. Where Linux has transparent huge
+pages off (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``) or ``always``,
+the advice changes nothing. Read at trace time, like :data:`jax_rnn._kernels.MODE`."""
+
 SOURCES = tuple(sorted(Path(__file__).with_name("_csrc").glob("*.cc")))
 """The kernels' C++ sources, shipped with the package (with their header, common.h)."""
 
@@ -239,13 +265,15 @@ Shapes = Callable[..., tuple[tuple[int, ...], ...]]
 def _call(name: str, kinds: str, outs: str, shapes: Shapes,
           **attrs: int) -> Callable[..., tuple[Array, ...]]:
     """The FFI target ``name`` as a function of arrays (float32, all of them), with its
-    integer attributes ``attrs``."""
+    integer attributes ``attrs`` (and ``huge_pages``, :data:`HUGE_PAGES` at trace
+    time)."""
 
     @jax.custom_batching.custom_vmap
     def call(*args: Array) -> tuple[Array, ...]:
         results = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes(*args))
+        values = {**attrs, "huge_pages": HUGE_PAGES}
         return tuple(jax.ffi.ffi_call(name, results)(
-            *args, **{k: np.int32(v) for k, v in attrs.items()}))
+            *args, **{k: np.int32(v) for k, v in values.items()}))
 
     @call.def_vmap
     def rule(size: int, batched: list[bool], *args: Array) -> tuple[Any, tuple[bool, ...]]:

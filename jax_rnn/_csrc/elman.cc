@@ -37,7 +37,7 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
                             ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> b,
                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0,
                             ffi::Result<ffi::Buffer<ffi::F32>> h, int32_t activation,
-                            int32_t reverse) {
+                            int32_t reverse, int32_t huge_pages) {
   const char* name = "jax_rnn_elman_forward";
   const auto dims = xs.dimensions();
   if (dims.size() != 3) return CheckShape(name, "xs", dims, {-1, -1, -1});
@@ -53,6 +53,7 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   if (length == 0 || batch == 0 || hidden == 0) return ffi::Error::Success();
   const float *xs_p = xs.typed_data(), *b_p = b.typed_data();
   float* h_p = h->typed_data();
+  AdviseHugePages(huge_pages, h);
   const int64_t size = batch * hidden;
   auto panel = [&](const float* m, int64_t step, int64_t p) {
     const int64_t t = reverse ? length - 1 - step : step;
@@ -85,7 +86,7 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
                              ffi::Buffer<ffi::F32> d_state, ffi::Buffer<ffi::F32> d_pre,
                              ffi::Buffer<ffi::F32> w_t, ffi::Buffer<ffi::F32> d_final,
                              ffi::ResultBuffer<ffi::F32> d_g_t, ffi::ResultBuffer<ffi::F32> d_h0,
-                             int32_t activation, int32_t reverse) {
+                             int32_t activation, int32_t reverse, int32_t huge_pages) {
   const char* name = "jax_rnn_elman_backward";
   const auto dims = h.dimensions();
   if (dims.size() != 3) return CheckShape(name, "h", dims, {-1, -1, -1});
@@ -105,6 +106,7 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
   }
   const float *h_p = h.typed_data(), *ds_p = StepsOrNull(d_state), *dp_p = StepsOrNull(d_pre);
   float* dgt_p = d_g_t->typed_data();
+  AdviseHugePages(huge_pages, d_g_t);
   // Step s of the loop's d_g by rows: scratch[s % 2] (step s + 1 writes the other half
   // only once every panel of step s is done).
   std::vector<float> scratch(2 * size);
@@ -137,7 +139,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnElmanForward, ElmanForwardImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // h0 (B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h (T, B, H)
                                   .Attr<int32_t>("activation")
-                                  .Attr<int32_t>("reverse"));
+                                  .Attr<int32_t>("reverse")
+                                  .Attr<int32_t>("huge_pages"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnElmanBackward, ElmanBackwardImpl,
                               ffi::Ffi::Bind()
@@ -150,4 +153,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnElmanBackward, ElmanBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_g^T (H, T, B)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_h0 (B, H)
                                   .Attr<int32_t>("activation")
-                                  .Attr<int32_t>("reverse"));
+                                  .Attr<int32_t>("reverse")
+                                  .Attr<int32_t>("huge_pages"));
