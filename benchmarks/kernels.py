@@ -8,7 +8,9 @@ size, in one process: ``jax_rnn.unroll(cell, ...)`` (default ``elman``) forward 
 forward+backward (loss = sum of the states, gradient with respect to every parameter)
 with the kernels (``"kernel"``: the default; on a GPU also ``"kernel_*"``: the same with
 8 warps instead of 4, or with ``w`` kept in registers or not; on a CPU
-``"kernel_huge_pages"``: asking for huge pages, ``_native.HUGE_PAGES``), with them off
+``"kernel_huge_pages"``: asking for huge pages, ``_native.HUGE_PAGES``, and
+``"kernel_no_pretouch"``: without touching the results' pages first,
+``_native.PRETOUCH``), with them off
 (``"xla"``: the fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's
 ``nn.RNN`` (``nn.GRU``, ``nn.LSTM``) on the same weights (``"cudnn"`` on a GPU, ``"torch"`` on a
 CPU). ``--max-hidden`` lets the GPU kernels run at hidden sizes over
@@ -54,6 +56,7 @@ VARIANTS = {  # name: (JAX_RNN_KERNELS, {knob of jax_rnn._kernels (or _native.X)
     "xla": ("off", {}),
     "kernel": ("auto", {}),
     "kernel_huge_pages": ("auto", {"_native.HUGE_PAGES": True}),
+    "kernel_no_pretouch": ("auto", {"_native.PRETOUCH": False}),
     "kernel_8warps": ("auto", {"_NUM_WARPS": 8}),
     "kernel_hoist_flipped": ("auto", {"_HOIST_MAX": "flip"}),
 }
@@ -148,8 +151,9 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="default: all on a GPU; xla and kernel on a CPU (the others "
-                             "are knobs of the GPU kernels, and kernel_huge_pages: the CPU "
-                             "kernels with huge pages, _native.HUGE_PAGES)")
+                             "are knobs of the GPU kernels, and kernel_huge_pages, "
+                             "kernel_no_pretouch: the CPU kernels with huge pages, "
+                             "without pretouching, _native.HUGE_PAGES, PRETOUCH)")
     parser.add_argument("--cell", default="elman",
                         choices=["elman", "elman_relu", "gru", "lstm"])
     parser.add_argument("--max-hidden", type=int, default=_kernels.MAX_HIDDEN)

@@ -66,6 +66,17 @@ some calls took twice as long, hence off by default. Where Linux has transparent
 pages off (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``) or ``always``,
 the advice changes nothing. Read at trace time, like :data:`jax_rnn._kernels.MODE`."""
 
+PRETOUCH = True
+"""Whether the kernels write a zero into every 4 KiB page of their results (in chunks
+shared with XLA's thread pool) before their loops write them, where the results hold at
+least 1 MiB (default ``True``). XLA maps a computation's intermediate arrays anew for
+every call; inside a loop, the threads that share a step faulted on the same fresh pages,
+and a fault on one stalled the step for both. Results are the same either way; the
+attribute (read at trace time) is there for A/B runs (``benchmarks/kernels.py``'s
+``kernel_no_pretouch``). Forward+backward on a 2-core VM, in one process: GRU 7-23% and
+LSTM 11-25% faster with it, the Elman cells 3-7% (docs/performance.md, "Touching fresh
+pages first")."""
+
 SOURCES = tuple(sorted(Path(__file__).with_name("_csrc").glob("*.cc")))
 """The kernels' C++ sources, shipped with the package (with their header, common.h)."""
 
@@ -265,13 +276,13 @@ Shapes = Callable[..., tuple[tuple[int, ...], ...]]
 def _call(name: str, kinds: str, outs: str, shapes: Shapes,
           **attrs: int) -> Callable[..., tuple[Array, ...]]:
     """The FFI target ``name`` as a function of arrays (float32, all of them), with its
-    integer attributes ``attrs`` (and ``huge_pages``, :data:`HUGE_PAGES` at trace
-    time)."""
+    integer attributes ``attrs`` (and ``huge_pages`` and ``pretouch``:
+    :data:`HUGE_PAGES` and :data:`PRETOUCH` at trace time)."""
 
     @jax.custom_batching.custom_vmap
     def call(*args: Array) -> tuple[Array, ...]:
         results = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes(*args))
-        values = {**attrs, "huge_pages": HUGE_PAGES}
+        values = {**attrs, "huge_pages": HUGE_PAGES, "pretouch": PRETOUCH}
         return tuple(jax.ffi.ffi_call(name, results)(
             *args, **{k: np.int32(v) for k, v in values.items()}))
 

@@ -628,9 +628,10 @@ def test_huge_pages_setting_from_the_environment():
         _native._read_huge_pages({"JAX_RNN_HUGE_PAGES": "0"})
 
 
-def _huge_pages_case(name):
+def _large_results_case(name):
     """A problem whose kernel results are over 4 MiB each (so that each holds a whole
-    2 MiB page, which the kernels advise), and a loss of its states and final carry."""
+    2 MiB page, which the kernels may advise, and over PreTouch's 1 MiB), and a loss of
+    its states and final carry."""
     cell = getattr(jax_rnn, name)
     params = cell.init(jax.random.key(41), 3, 128, dtype=np.float32)
     xs = np.random.default_rng(41).normal(size=(2100, 4, 3)).astype(np.float32)
@@ -643,23 +644,27 @@ def _huge_pages_case(name):
 
 
 @pytest.mark.parametrize("name", ["elman", "lstm", "gru"])
-def test_cpu_kernels_with_and_without_huge_pages(native, monkeypatch, name):
-    """The huge-pages advice changes no number: gradients with it on and off are equal to
-    the bit, and equal impl="scan"'s to float32 rounding; the setting reaches both
-    kernels' calls as their attribute."""
-    params, loss = _huge_pages_case(name)
+def test_cpu_kernels_memory_settings_change_no_number(native, monkeypatch, name):
+    """Neither the huge-pages advice nor touching the results' pages first changes a
+    number: gradients with each setting on and off are equal to the bit, and equal
+    impl="scan"'s to float32 rounding; the settings reach both kernels' calls as their
+    attributes."""
+    params, loss = _large_results_case(name)
     grads = {}
-    for on in (True, False):
-        monkeypatch.setattr(_native, "HUGE_PAGES", on)
-        jax.clear_caches()  # the traces hold the setting
+    for huge, touch in ((False, True), (True, True), (False, False)):
+        monkeypatch.setattr(_native, "HUGE_PAGES", huge)
+        monkeypatch.setattr(_native, "PRETOUCH", touch)
+        jax.clear_caches()  # the traces hold the settings
         text = str(jax.make_jaxpr(jax.grad(loss))(params))
-        assert text.count(f"('huge_pages', np.int32({int(on)}))") == 2
-        grads[on] = jax.grad(loss)(params)
+        assert text.count(f"('huge_pages', np.int32({int(huge)}))") == 2
+        assert text.count(f"('pretouch', np.int32({int(touch)}))") == 2
+        grads[huge, touch] = jax.grad(loss)(params)
     scan = jax.grad(loss)(params, "scan")
-    for a, b, c in zip(jax.tree.leaves(grads[True]), jax.tree.leaves(grads[False]),
-                       jax.tree.leaves(scan), strict=True):
+    for a, b, c, d in zip(*(jax.tree.leaves(g) for g in grads.values()), jax.tree.leaves(scan),
+                          strict=True):
         np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(a, c, rtol=2e-5, atol=2e-5 * max(1.0, float(abs(c).max())))
+        np.testing.assert_array_equal(a, c)
+        np.testing.assert_allclose(a, d, rtol=2e-5, atol=2e-5 * max(1.0, float(abs(d).max())))
 
 
 def _transparent_huge_pages() -> str:
@@ -682,6 +687,7 @@ def test_cpu_kernels_ask_for_huge_pages(native, monkeypatch):
     faults = {}
     for on in (True, False):
         monkeypatch.setattr(_native, "HUGE_PAGES", on)
+        monkeypatch.setattr(_native, "PRETOUCH", False)  # one fault per page, counted
         jax.clear_caches()
         run = jax.jit(lambda p: jax_rnn.unroll(jax_rnn.elman, p, xs)[1].state)
         jax.block_until_ready(run(params))

@@ -37,7 +37,7 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
                             ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> b,
                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0,
                             ffi::Result<ffi::Buffer<ffi::F32>> h, int32_t activation,
-                            int32_t reverse, int32_t huge_pages) {
+                            int32_t reverse, int32_t huge_pages, int32_t pretouch) {
   const char* name = "jax_rnn_elman_forward";
   const auto dims = xs.dimensions();
   if (dims.size() != 3) return CheckShape(name, "xs", dims, {-1, -1, -1});
@@ -54,6 +54,7 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   const float *xs_p = xs.typed_data(), *b_p = b.typed_data();
   float* h_p = h->typed_data();
   AdviseHugePages(huge_pages, h);
+  PreTouch(pool, pretouch, h);
   const int64_t size = batch * hidden;
   auto panel = [&](const float* m, int64_t step, int64_t p) {
     const int64_t t = reverse ? length - 1 - step : step;
@@ -86,7 +87,8 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
                              ffi::Buffer<ffi::F32> d_state, ffi::Buffer<ffi::F32> d_pre,
                              ffi::Buffer<ffi::F32> w_t, ffi::Buffer<ffi::F32> d_final,
                              ffi::ResultBuffer<ffi::F32> d_g_t, ffi::ResultBuffer<ffi::F32> d_h0,
-                             int32_t activation, int32_t reverse, int32_t huge_pages) {
+                             int32_t activation, int32_t reverse, int32_t huge_pages,
+                             int32_t pretouch) {
   const char* name = "jax_rnn_elman_backward";
   const auto dims = h.dimensions();
   if (dims.size() != 3) return CheckShape(name, "h", dims, {-1, -1, -1});
@@ -107,6 +109,7 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
   const float *h_p = h.typed_data(), *ds_p = StepsOrNull(d_state), *dp_p = StepsOrNull(d_pre);
   float* dgt_p = d_g_t->typed_data();
   AdviseHugePages(huge_pages, d_g_t);
+  PreTouch(pool, pretouch, d_g_t);
   // Step s of the loop's d_g by rows: scratch[s % 2] (step s + 1 writes the other half
   // only once every panel of step s is done).
   std::vector<float> scratch(2 * size);
@@ -140,7 +143,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnElmanForward, ElmanForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // h (T, B, H)
                                   .Attr<int32_t>("activation")
                                   .Attr<int32_t>("reverse")
-                                  .Attr<int32_t>("huge_pages"));
+                                  .Attr<int32_t>("huge_pages")
+                                  .Attr<int32_t>("pretouch"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnElmanBackward, ElmanBackwardImpl,
                               ffi::Ffi::Bind()
@@ -154,4 +158,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnElmanBackward, ElmanBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_h0 (B, H)
                                   .Attr<int32_t>("activation")
                                   .Attr<int32_t>("reverse")
-                                  .Attr<int32_t>("huge_pages"));
+                                  .Attr<int32_t>("huge_pages")
+                                  .Attr<int32_t>("pretouch"));

@@ -34,7 +34,7 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
                           ffi::ResultBuffer<ffi::F32> pre, ffi::ResultBuffer<ffi::F32> r,
                           ffi::ResultBuffer<ffi::F32> z, ffi::ResultBuffer<ffi::F32> n,
                           ffi::ResultBuffer<ffi::F32> gh_n, int32_t reverse, int32_t tape,
-                          int32_t huge_pages) {
+                          int32_t huge_pages, int32_t pretouch) {
   const char* name = "jax_rnn_gru_forward";
   const auto dims = xs.dimensions();
   if (dims.size() != 3) return CheckShape(name, "xs", dims, {-1, -1, -1});
@@ -57,6 +57,7 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   const int64_t size = batch * hidden;
   if (length == 0 || size == 0) return ffi::Error::Success();
   AdviseHugePages(huge_pages, h, pre, r, z, n, gh_n);
+  PreTouch(pool, pretouch, h, pre, r, z, n, gh_n);
   // The accumulators' starting values: [b_in_r + b_r, b_in_z + b_z, b_in_n, b_n].
   std::vector<float> starts(4 * hidden);
   const float *bi_p = b_in.typed_data(), *b_p = b.typed_data();
@@ -99,7 +100,7 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h_in,
                            ffi::Buffer<ffi::F32> d_state, ffi::Buffer<ffi::F32> d_pre,
                            ffi::Buffer<ffi::F32> w_t, ffi::Buffer<ffi::F32> d_final,
                            ffi::ResultBuffer<ffi::F32> d_gx, ffi::ResultBuffer<ffi::F32> d_h0,
-                           int32_t reverse, int32_t huge_pages) {
+                           int32_t reverse, int32_t huge_pages, int32_t pretouch) {
   const char* name = "jax_rnn_gru_backward";
   const auto dims = h_in.dimensions();
   if (dims.size() != 3) return CheckShape(name, "h_in", dims, {-1, -1, -1});
@@ -129,6 +130,7 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h_in,
   const float *ds_p = StepsOrNull(d_state), *dp_p = StepsOrNull(d_pre);
   float* dgx_p = d_gx->typed_data();
   AdviseHugePages(huge_pages, d_gx);
+  PreTouch(pool, pretouch, d_gx);
   // d gh of step s by rows: scratch[s % 2] (as elman.cc's d_g). dz holds d h z of the
   // last step visited, the part of d h_{t-1} that does not go through the product.
   std::vector<float> scratch(2 * batch * width), dz(size, 0.0f);
@@ -179,7 +181,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnGruForward, GruForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // gh_n (T or 0, B, H)
                                   .Attr<int32_t>("reverse")
                                   .Attr<int32_t>("tape")
-                                  .Attr<int32_t>("huge_pages"));
+                                  .Attr<int32_t>("huge_pages")
+                                  .Attr<int32_t>("pretouch"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnGruBackward, GruBackwardImpl,
                               ffi::Ffi::Bind()
@@ -196,4 +199,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnGruBackward, GruBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_gx (T, B, 3H)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_h0 (B, H)
                                   .Attr<int32_t>("reverse")
-                                  .Attr<int32_t>("huge_pages"));
+                                  .Attr<int32_t>("huge_pages")
+                                  .Attr<int32_t>("pretouch"));

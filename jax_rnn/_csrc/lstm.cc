@@ -37,7 +37,8 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
                            ffi::ResultBuffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> i,
                            ffi::ResultBuffer<ffi::F32> f, ffi::ResultBuffer<ffi::F32> o,
                            ffi::ResultBuffer<ffi::F32> c_in, ffi::ResultBuffer<ffi::F32> c_final,
-                           int32_t reverse, int32_t tape, int32_t huge_pages) {
+                           int32_t reverse, int32_t tape, int32_t huge_pages,
+                           int32_t pretouch) {
   const char* name = "jax_rnn_lstm_forward";
   const auto dims = xs.dimensions();
   if (dims.size() != 3) return CheckShape(name, "xs", dims, {-1, -1, -1});
@@ -63,6 +64,7 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   if (size > 0) std::memcpy(c_p, c0.typed_data(), size * sizeof(float));
   if (length == 0 || size == 0) return ffi::Error::Success();
   AdviseHugePages(huge_pages, h, g, i, f, o, c_in);
+  PreTouch(pool, pretouch, h, g, i, f, o, c_in);
   float *h_p = h->typed_data(), *g_p = g->typed_data(), *i_p = i->typed_data();
   float *f_p = f->typed_data(), *o_p = o->typed_data(), *ci_p = c_in->typed_data();
   auto finish = [&](int64_t t, int64_t r, int64_t j, int n, const float*, auto& acc) {
@@ -101,7 +103,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
                             ffi::Buffer<ffi::F32> d_h, ffi::Buffer<ffi::F32> d_c,
                             ffi::ResultBuffer<ffi::F32> d_a, ffi::ResultBuffer<ffi::F32> d_h0,
                             ffi::ResultBuffer<ffi::F32> d_c0, int32_t reverse,
-                            int32_t huge_pages) {
+                            int32_t huge_pages, int32_t pretouch) {
   const char* name = "jax_rnn_lstm_backward";
   const auto dims = c_in.dimensions();
   if (dims.size() != 3) return CheckShape(name, "c_in", dims, {-1, -1, -1});
@@ -134,6 +136,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   const float *ds_p = StepsOrNull(d_state), *dp_p = StepsOrNull(d_pre);
   float* da_p = d_a->typed_data();
   AdviseHugePages(huge_pages, d_a);
+  PreTouch(pool, pretouch, d_a);
   auto order = [&](int64_t step) { return reverse ? step : length - 1 - step; };
   // d_a at step s (time t = order(s)), row r, hidden units j:j+n, from the cotangent
   // d_next of h_t that the later steps pass back.
@@ -179,7 +182,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnLstmForward, LstmForwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // c_final (B, H)
                                   .Attr<int32_t>("reverse")
                                   .Attr<int32_t>("tape")
-                                  .Attr<int32_t>("huge_pages"));
+                                  .Attr<int32_t>("huge_pages")
+                                  .Attr<int32_t>("pretouch"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnLstmBackward, LstmBackwardImpl,
                               ffi::Ffi::Bind()
@@ -198,4 +202,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxRnnLstmBackward, LstmBackwardImpl,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_h0 (B, H)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // d_c0 (B, H)
                                   .Attr<int32_t>("reverse")
-                                  .Attr<int32_t>("huge_pages"));
+                                  .Attr<int32_t>("huge_pages")
+                                  .Attr<int32_t>("pretouch"));
