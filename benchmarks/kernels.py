@@ -6,19 +6,18 @@
 On an NVIDIA GPU (the Pallas kernels, Elman only) or a CPU (the C++ kernels), for each
 size, in one process: ``jax_rnn.unroll(cell, ...)`` (default ``elman``) forward and
 forward+backward (loss = sum of the states, gradient with respect to every parameter)
-with the kernels (``"kernel"``: the default; on a GPU also ``"kernel_*"``: the same with
-8 warps instead of 4, or with ``w`` kept in registers or not; on a CPU
-``"kernel_huge_pages"``: asking for huge pages, ``_native.HUGE_PAGES``, and
-``"kernel_no_pretouch"``: without touching the results' pages first,
-``_native.PRETOUCH``), with them off
-(``"xla"``: the fused path's XLA while loops, ``JAX_RNN_KERNELS=off``), and PyTorch's
-``nn.RNN`` (``nn.GRU``, ``nn.LSTM``) on the same weights (``"cudnn"`` on a GPU, ``"torch"`` on a
-CPU). ``--max-hidden`` lets the GPU kernels run at hidden sizes over
-``jax_rnn._kernels.MAX_HIDDEN``, to measure them there. float32 with full-precision
-products everywhere (JAX "highest", PyTorch's TF32 off). Every variant is compiled
-first; then the variants are timed in turn, in an order that changes from round to
-round, and each figure is the median over the rounds (a sample averages back-to-back
-calls when one call is short): ``jax-rnn bench``'s sampler. The states
+with the kernels (``"kernel"``: the default; on a GPU also ``"kernel_8warps"`` and
+``"kernel_hoist_flipped"``: the same with 8 warps instead of 4, or with ``w`` kept in
+registers or not; on a CPU ``"kernel_huge_pages"``: asking for huge pages,
+``_native.HUGE_PAGES``, and ``"kernel_no_pretouch"``: without touching the results' pages
+first, ``_native.PRETOUCH``), with them off (``"xla"``: the fused path's XLA while loops,
+``JAX_RNN_KERNELS=off``), and PyTorch's ``nn.RNN`` (``nn.GRU``, ``nn.LSTM``) on the same
+weights (``"cudnn"`` on a GPU, ``"torch"`` on a CPU). ``--max-hidden`` lets the GPU
+kernels run at hidden sizes over ``jax_rnn._kernels.MAX_HIDDEN``, to measure them there.
+float32 with full-precision products everywhere (JAX "highest", PyTorch's TF32 off).
+Every variant is compiled first; then the variants are timed in turn, in an order that
+changes from round to round, and each figure is the median over the rounds (a sample
+averages back-to-back calls when one call is short): ``jax-rnn bench``'s sampler. The states
 and gradients of every JAX variant are compared with the ``"xla"`` variant's (largest
 difference over the largest entry). The figures in
 ``benchmarks/results/h200-2026-11-28-kernels/`` were taken with this script's first
@@ -68,7 +67,8 @@ def _compile(variant: str, cell: Any, hidden: int, params: Any,
     mode, knobs = VARIANTS[variant]
 
     def where(knob: str) -> tuple[Any, str]:
-        return (_native, knob[8:]) if knob.startswith("_native.") else (_kernels, knob)
+        return ((_native, knob.removeprefix("_native.")) if knob.startswith("_native.")
+                else (_kernels, knob))
 
     saved = {k: getattr(*where(k)) for k in ("MODE", *knobs)}
     _kernels.MODE = mode
@@ -150,10 +150,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
-                        help="default: all on a GPU; xla and kernel on a CPU (the others "
-                             "are knobs of the GPU kernels, and kernel_huge_pages, "
-                             "kernel_no_pretouch: the CPU kernels with huge pages, "
-                             "without pretouching, _native.HUGE_PAGES, PRETOUCH)")
+                        help="default: on a GPU all but the CPU kernels' knobs; xla and "
+                             "kernel on a CPU (kernel_8warps, kernel_hoist_flipped: knobs of "
+                             "the GPU kernels; kernel_huge_pages, kernel_no_pretouch: of the "
+                             "CPU kernels, _native.HUGE_PAGES and PRETOUCH)")
     parser.add_argument("--cell", default="elman",
                         choices=["elman", "elman_relu", "gru", "lstm"])
     parser.add_argument("--max-hidden", type=int, default=_kernels.MAX_HIDDEN)
@@ -161,7 +161,9 @@ def main() -> None:
     _kernels.MAX_HIDDEN = args.max_hidden
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    variants = args.variants or (list(VARIANTS) if jax.default_backend() == "gpu"
+    gpu_variants = [v for v, (_, knobs) in VARIANTS.items()
+                    if not any(k.startswith("_native.") for k in knobs)]
+    variants = args.variants or (gpu_variants if jax.default_backend() == "gpu"
                                  else ["xla", "kernel"])
     meta = dict(jax=jax.__version__, device=jax.devices()[0].device_kind,
                 max_hidden=args.max_hidden, cell=args.cell,

@@ -63,13 +63,7 @@ from ._gru import gru_pointwise
 def _read_mode(environ: Any) -> str:
     """The setting of the environment variable ``JAX_RNN_KERNELS`` (default ``"auto"``);
     anything else than ``auto``, ``off`` or ``interpret`` is a clear error."""
-    value = environ.get("JAX_RNN_KERNELS", "auto").strip().lower()
-    if value not in ("auto", "off", "interpret"):
-        raise ValueError(f"jax_rnn: the environment variable JAX_RNN_KERNELS must be "
-                         f"\"auto\", \"off\" or \"interpret\", got "
-                         f"{environ['JAX_RNN_KERNELS']!r}: unset it for the default "
-                         f"(\"auto\")")
-    return value
+    return _native.read_choice(environ, "JAX_RNN_KERNELS", ("auto", "off", "interpret"))
 
 
 MODE = _read_mode(os.environ)

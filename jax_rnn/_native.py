@@ -41,30 +41,34 @@ import numpy as np
 from jax import Array
 
 
-def _read_huge_pages(environ: Any) -> bool:
-    """The setting of ``JAX_RNN_HUGE_PAGES`` (default off); anything else than ``on`` or
-    ``off`` is a clear error."""
-    value = environ.get("JAX_RNN_HUGE_PAGES", "off").strip().lower()
-    if value not in ("on", "off"):
-        raise ValueError(f"jax_rnn: the environment variable JAX_RNN_HUGE_PAGES must be "
-                         f"\"on\" or \"off\", got {environ['JAX_RNN_HUGE_PAGES']!r}: unset "
-                         f"it for the default (\"off\")")
-    return value == "on"
+def read_choice(environ: Any, name: str, choices: tuple[str, ...]) -> str:
+    """The setting of the environment variable ``name`` (any case, spaces ignored):
+    one of ``choices``, the first the default; anything else is a clear error."""
+    value = environ.get(name, choices[0]).strip().lower()
+    if value not in choices:
+        quoted = [f'"{c}"' for c in choices]
+        listed = quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+        raise ValueError(f"jax_rnn: the environment variable {name} must be {listed}, got "
+                         f"{environ[name]!r}: unset it for the default ({quoted[0]})")
+    return value
 
 
-HUGE_PAGES = _read_huge_pages(os.environ)
+HUGE_PAGES = read_choice(os.environ, "JAX_RNN_HUGE_PAGES", ("off", "on")) == "on"
 """Whether the kernels ask Linux for transparent huge pages (``madvise(MADV_HUGEPAGE)``)
 for the 2 MiB-aligned part of each result before they write it: ``JAX_RNN_HUGE_PAGES=on``
 at import, or this attribute before tracing (default ``False``). XLA maps the memory of a
 computation's intermediate arrays anew for every call, and each first write to a 4 KiB
 page is a page fault; with the advice it is one per 2 MiB page. Results are the same
-either way. Measured on a 2-core VM (docs/performance.md, "Huge pages, opt-in"): with
-calls back to back, an LSTM's or GRU's forward+backward at T=1000, B=32 took 10–25% less
-time; but that VM hands freed 2 MiB blocks back to its host (virtio-balloon free page
+either way; the advice stays on that memory until it is unmapped.
+
+Measured on a 2-core VM without :data:`PRETOUCH` (docs/performance.md, "Huge pages,
+opt-in"; not measured on top of it): with calls back to back, forward+backward at
+T=1000, B=32 took 16–21% less time for the GRU, 7–11% for the LSTM, 9–13% for the Elman
+cell. But that VM hands freed 2 MiB blocks back to its host (virtio-balloon free page
 reporting), and where calls were seconds apart (a benchmark that interleaves libraries)
-some calls took twice as long, hence off by default. Where Linux has transparent huge
-pages off (``/sys/kernel/mm/transparent_hugepage/enabled`` is ``never``) or ``always``,
-the advice changes nothing. Read at trace time, like :data:`jax_rnn._kernels.MODE`."""
+some calls took twice as long, hence off by default. Where Linux's transparent huge
+pages are ``never`` (``/sys/kernel/mm/transparent_hugepage/enabled``), the advice changes
+nothing. Read at trace time, like :data:`jax_rnn._kernels.MODE`."""
 
 PRETOUCH = True
 """Whether the kernels write a zero into every 4 KiB page of their results (in chunks
@@ -73,8 +77,8 @@ least 1 MiB (default ``True``). XLA maps a computation's intermediate arrays ane
 every call; inside a loop, the threads that share a step faulted on the same fresh pages,
 and a fault on one stalled the step for both. Results are the same either way; the
 attribute (read at trace time) is there for A/B runs (``benchmarks/kernels.py``'s
-``kernel_no_pretouch``). Forward+backward on a 2-core VM, in one process: GRU 7-23% and
-LSTM 11-25% faster with it, the Elman cells 3-7% (docs/performance.md, "Touching fresh
+``kernel_no_pretouch``). Forward+backward on a 2-core VM, in one process: GRU 7–23% and
+LSTM 11–25% faster with it, the Elman cells 2–7% (docs/performance.md, "Touching fresh
 pages first")."""
 
 SOURCES = tuple(sorted(Path(__file__).with_name("_csrc").glob("*.cc")))

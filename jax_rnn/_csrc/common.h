@@ -1,5 +1,6 @@
 // Shared by the CPU kernels (elman.cc, gru.cc, lstm.cc): float32 vectors, the activations,
-// the loop runner that shares steps with XLA's thread pool, and operand checks.
+// the loop runner that shares steps with XLA's thread pool, what the kernels do to their
+// results' fresh memory first (PreTouch, AdviseHugePages), and operand checks.
 
 #ifndef JAX_RNN_CSRC_COMMON_H_
 #define JAX_RNN_CSRC_COMMON_H_
@@ -16,7 +17,9 @@
 #include <utility>
 #include <vector>
 
-#include <sys/mman.h>
+#if __has_include(<sys/mman.h>)
+#include <sys/mman.h>  // madvise (AdviseHugePages)
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -50,13 +53,15 @@ inline Vec Splat(float x) { return Vec{} + x; }
 
 // Asks Linux to back the 2 MiB-aligned part of each result with transparent huge pages
 // (madvise MADV_HUGEPAGE) before a kernel writes it, where huge_pages is set (the
-// attribute of every kernel here: jax_rnn._native.HUGE_PAGES, off by default). XLA maps
-// the memory of a computation's intermediate arrays anew for every call, and a first
-// write to a 4 KiB page costs a page fault: an LSTM's forward+backward at T=1000, B=32,
-// H=128 took 47,000 of them a call, 11,400 with the advice (one per 2 MiB page of the
-// kernels' results; docs/performance.md, "Huge pages, opt-in", for why it is off by
-// default). Where Linux has transparent huge pages off, or no huge page is free, the
-// advice changes nothing; elsewhere than on Linux there is none.
+// attribute of every kernel here: jax_rnn._native.HUGE_PAGES, off by default). The advice
+// stays on that memory after XLA frees the result, until the memory is unmapped. XLA maps
+// a computation's intermediate arrays anew for every call, and a first write to a 4 KiB
+// page costs a page fault: an LSTM's forward+backward at T=1000, B=32, H=128 took 46,200-
+// 47,800 of them a call, 11,400-11,800 with the advice (both without PreTouch, whose
+// 30,000 the advice was not measured against; docs/performance.md, "Huge pages, opt-in",
+// also for why it is off by default). Where Linux's transparent huge pages are off, or
+// none is free, the advice changes nothing; where madvise has no MADV_HUGEPAGE (not
+// Linux), there is none.
 template <typename... Results>
 inline void AdviseHugePages(int32_t huge_pages, Results&... results) {
 #ifdef MADV_HUGEPAGE
@@ -233,24 +238,26 @@ constexpr int64_t kPreTouchMin = int64_t{1} << 20;
 
 template <typename... Results>
 void PreTouch(ffi::ThreadPool& pool, int32_t pretouch, Results&... results) {
-  if (!pretouch) return;
+  if (!pretouch || (int64_t{0} + ... + static_cast<int64_t>(results->size_bytes())) <
+                       kPreTouchMin) {
+    return;
+  }
   struct Span {
     uintptr_t begin, first_page;
     int64_t pages;
   };
   std::vector<Span> spans;
-  int64_t total = 0, bytes = 0;
+  int64_t total = 0;
   for (auto [data, size] : {std::pair{results->untyped_data(), results->size_bytes()}...}) {
     if (size == 0) continue;
     const uintptr_t begin = reinterpret_cast<uintptr_t>(data);
     const uintptr_t first = begin / kPage, last = (begin + size - 1) / kPage;
     spans.push_back({begin, first, static_cast<int64_t>(last - first + 1)});
     total += spans.back().pages;
-    bytes += static_cast<int64_t>(size);
   }
-  if (bytes < kPreTouchMin) return;
+  // One more thread (Threads) per MiB of pages, up to the pool's: 64 chunks to share.
   const int64_t chunks = std::min<int64_t>(64, total);
-  Run(pool, 1, chunks, int64_t{1} << 30, [&](int64_t, int64_t p) {
+  Run(pool, 1, chunks, total * kShareMin / (kPreTouchMin / kPage), [&](int64_t, int64_t p) {
     // Pages lo..hi-1 of all the spans' pages in order.
     int64_t lo = p * total / chunks, hi = (p + 1) * total / chunks;
     for (const Span& span : spans) {
