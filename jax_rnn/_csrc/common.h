@@ -1,6 +1,7 @@
 // Shared by the CPU kernels (elman.cc, gru.cc, lstm.cc): float32 vectors, the activations,
 // the loop runner that shares steps with XLA's thread pool, what the kernels do to their
-// results' fresh memory first (PreTouch, AdviseHugePages), and operand checks.
+// results' fresh memory first (PrepareResults: AdviseHugePages, PreTouch), and operand
+// checks.
 
 #ifndef JAX_RNN_CSRC_COMMON_H_
 #define JAX_RNN_CSRC_COMMON_H_
@@ -270,6 +271,15 @@ void PreTouch(ffi::ThreadPool& pool, int32_t pretouch, Results&... results) {
       if (hi <= 0) break;
     }
   });
+}
+
+// What every kernel does to its results before its loop: the huge-pages advice first, so
+// that the pages PreTouch then faults in are huge where advised, then PreTouch.
+template <typename... Results>
+void PrepareResults(ffi::ThreadPool& pool, int32_t huge_pages, int32_t pretouch,
+                    Results&... results) {
+  AdviseHugePages(huge_pages, results...);
+  PreTouch(pool, pretouch, results...);
 }
 
 // Matrices stacked by rows (each (rows, ld), given as (pointer, rows)), packed by panels

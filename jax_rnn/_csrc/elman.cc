@@ -53,8 +53,7 @@ ffi::Error ElmanForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   if (length == 0 || batch == 0 || hidden == 0) return ffi::Error::Success();
   const float *xs_p = xs.typed_data(), *b_p = b.typed_data();
   float* h_p = h->typed_data();
-  AdviseHugePages(huge_pages, h);
-  PreTouch(pool, pretouch, h);
+  PrepareResults(pool, huge_pages, pretouch, h);
   const int64_t size = batch * hidden;
   auto panel = [&](const float* m, int64_t step, int64_t p) {
     const int64_t t = reverse ? length - 1 - step : step;
@@ -108,8 +107,7 @@ ffi::Error ElmanBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
   }
   const float *h_p = h.typed_data(), *ds_p = StepsOrNull(d_state), *dp_p = StepsOrNull(d_pre);
   float* dgt_p = d_g_t->typed_data();
-  AdviseHugePages(huge_pages, d_g_t);
-  PreTouch(pool, pretouch, d_g_t);
+  PrepareResults(pool, huge_pages, pretouch, d_g_t);
   // Step s of the loop's d_g by rows: scratch[s % 2] (step s + 1 writes the other half
   // only once every panel of step s is done).
   std::vector<float> scratch(2 * size);

@@ -56,8 +56,7 @@ ffi::Error GruForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   }
   const int64_t size = batch * hidden;
   if (length == 0 || size == 0) return ffi::Error::Success();
-  AdviseHugePages(huge_pages, h, pre, r, z, n, gh_n);
-  PreTouch(pool, pretouch, h, pre, r, z, n, gh_n);
+  PrepareResults(pool, huge_pages, pretouch, h, pre, r, z, n, gh_n);
   // The accumulators' starting values: [b_in_r + b_r, b_in_z + b_z, b_in_n, b_n].
   std::vector<float> starts(4 * hidden);
   const float *bi_p = b_in.typed_data(), *b_p = b.typed_data();
@@ -129,8 +128,7 @@ ffi::Error GruBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h_in,
   const float *n_p = n.typed_data(), *ghn_p = gh_n.typed_data();
   const float *ds_p = StepsOrNull(d_state), *dp_p = StepsOrNull(d_pre);
   float* dgx_p = d_gx->typed_data();
-  AdviseHugePages(huge_pages, d_gx);
-  PreTouch(pool, pretouch, d_gx);
+  PrepareResults(pool, huge_pages, pretouch, d_gx);
   // d gh of step s by rows: scratch[s % 2] (as elman.cc's d_g). dz holds d h z of the
   // last step visited, the part of d h_{t-1} that does not go through the product.
   std::vector<float> scratch(2 * batch * width), dz(size, 0.0f);

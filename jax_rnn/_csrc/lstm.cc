@@ -63,8 +63,7 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
   float* c_p = c_final->typed_data();
   if (size > 0) std::memcpy(c_p, c0.typed_data(), size * sizeof(float));
   if (length == 0 || size == 0) return ffi::Error::Success();
-  AdviseHugePages(huge_pages, h, g, i, f, o, c_in);
-  PreTouch(pool, pretouch, h, g, i, f, o, c_in);
+  PrepareResults(pool, huge_pages, pretouch, h, g, i, f, o, c_in);
   float *h_p = h->typed_data(), *g_p = g->typed_data(), *i_p = i->typed_data();
   float *f_p = f->typed_data(), *o_p = o->typed_data(), *ci_p = c_in->typed_data();
   auto finish = [&](int64_t t, int64_t r, int64_t j, int n, const float*, auto& acc) {
@@ -135,8 +134,7 @@ ffi::Error LstmBackwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> g,
   const float *o_p = o.typed_data(), *ci_p = c_in.typed_data();
   const float *ds_p = StepsOrNull(d_state), *dp_p = StepsOrNull(d_pre);
   float* da_p = d_a->typed_data();
-  AdviseHugePages(huge_pages, d_a);
-  PreTouch(pool, pretouch, d_a);
+  PrepareResults(pool, huge_pages, pretouch, d_a);
   auto order = [&](int64_t step) { return reverse ? step : length - 1 - step; };
   // d_a at step s (time t = order(s)), row r, hidden units j:j+n, from the cotangent
   // d_next of h_t that the later steps pass back.
