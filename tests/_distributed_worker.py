@@ -21,13 +21,14 @@ import traceback
 
 
 def _simulate_devices(mode: str) -> None:
-    """Simulated CPU devices, set before JAX starts; LLVM optimisation off, which roughly
-    halves the compile time of these small programs and changes nothing the checks look at
-    (the SPMD partitioning and the collectives are decided before the backend runs)."""
+    """Simulated CPU devices, set before JAX starts, and the suite's compile-time flags
+    (conftest.py: LLVM optimisation off, XLA's cheaper elementwise emitters), which cut
+    the compile time of these small programs and change nothing the checks look at (the
+    SPMD partitioning and the collectives are decided before the backend runs)."""
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "")
-        + f" --xla_force_host_platform_device_count={4 if mode == 'spmd' else 2}"
-        + " --xla_backend_optimization_level=0"
+        + f" --xla_force_host_platform_device_count={4 if mode == 'spmd' else 2} "
+        + os.environ.get("JAX_RNN_TEST_XLA_FLAGS", "--xla_backend_optimization_level=0")
     )
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -171,7 +171,8 @@ def test_sharded_row_on_two_cpu_devices(tmp_path):
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # No XLA_FLAGS of the caller's; the suite's compile-time flags (conftest.py).
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("JAX_RNN_TEST_XLA_FLAGS", ""))
     env["JAX_PLATFORMS"] = "cpu"  # the CPU devices, also on a machine with a GPU
     cmd = [sys.executable, "-m", "jax_rnn", "bench", "--quick", "--cpu-devices", "2",
            "--peers", "sharded", "--cells", "gru", "--repeats", "1", "--budget", "0.01",
