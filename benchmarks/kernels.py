@@ -9,8 +9,10 @@ forward+backward (loss = sum of the states, gradient with respect to every param
 with the kernels (``"kernel"``: the default; on a GPU also ``"kernel_8warps"`` and
 ``"kernel_hoist_flipped"``: the same with 8 warps instead of 4, or with ``w`` kept in
 registers or not; on a CPU ``"kernel_huge_pages"``: asking for huge pages,
-``_native.HUGE_PAGES``, and ``"kernel_no_pretouch"``: without touching the results' pages
-first, ``_native.PRETOUCH``), with them off (``"xla"``: the fused path's XLA while loops,
+``_native.HUGE_PAGES``, ``"kernel_no_pretouch"``: without touching the results' pages
+first, ``_native.PRETOUCH``, and ``"kernel_unfused_grads"``: the Elman cell's backward
+kernel and XLA's contractions instead of one kernel for both, ``_native.FUSED_GRADS``),
+with them off (``"xla"``: the fused path's XLA while loops,
 ``JAX_RNN_KERNELS=off``), and PyTorch's ``nn.RNN`` (``nn.GRU``, ``nn.LSTM``) on the same
 weights (``"cudnn"`` on a GPU, ``"torch"`` on a CPU). ``--max-hidden`` lets the GPU
 kernels run at hidden sizes over ``jax_rnn._kernels.MAX_HIDDEN``, to measure them there.
@@ -56,6 +58,7 @@ VARIANTS = {  # name: (JAX_RNN_KERNELS, {knob of jax_rnn._kernels (or _native.X)
     "kernel": ("auto", {}),
     "kernel_huge_pages": ("auto", {"_native.HUGE_PAGES": True}),
     "kernel_no_pretouch": ("auto", {"_native.PRETOUCH": False}),
+    "kernel_unfused_grads": ("auto", {"_native.FUSED_GRADS": False}),
     "kernel_8warps": ("auto", {"_NUM_WARPS": 8}),
     "kernel_hoist_flipped": ("auto", {"_HOIST_MAX": "flip"}),
 }
@@ -152,8 +155,9 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
                         help="default: on a GPU all but the CPU kernels' knobs; xla and "
                              "kernel on a CPU (kernel_8warps, kernel_hoist_flipped: knobs of "
-                             "the GPU kernels; kernel_huge_pages, kernel_no_pretouch: of the "
-                             "CPU kernels, _native.HUGE_PAGES and PRETOUCH)")
+                             "the GPU kernels; kernel_huge_pages, kernel_no_pretouch, "
+                             "kernel_unfused_grads: of the CPU kernels, _native.HUGE_PAGES, "
+                             "PRETOUCH and FUSED_GRADS)")
     parser.add_argument("--cell", default="elman",
                         choices=["elman", "elman_relu", "gru", "lstm"])
     parser.add_argument("--max-hidden", type=int, default=_kernels.MAX_HIDDEN)

@@ -74,7 +74,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from . import _kernels
+from . import _kernels, _native
 from ._elman import ElmanParams
 from ._gru import GRUParams, gru_pointwise, gru_step
 from ._kernels import plus as _plus
@@ -121,6 +121,9 @@ class Loops(NamedTuple):
         max_hidden: the widest hidden size the kernels run in a differentiated call
             (``None``: any; on GPUs ``_kernels.fits`` decides too); a call that is not
             differentiated runs the forward kernel at any size.
+        grads: ``(reverse, w, tape, h0, xs, d_carry, d_pre, d_state) -> (d_carry0,
+            (d_w_in, d_b_in, d_w))``, the backward loop and the weight gradients in one
+            kernel on CPUs, for inputs ``xs`` that are not differentiated; or ``None``.
     """
 
     forward: Callable[..., tuple[Any, Tape]]
@@ -128,6 +131,7 @@ class Loops(NamedTuple):
     gpu: bool
     gh_first: bool
     max_hidden: int | None = None
+    grads: Callable[..., tuple[Any, tuple[Array, Array, Array]]] | None = None
 
 
 class FusedCell(NamedTuple):
@@ -260,7 +264,13 @@ def _elman_loops(pair: _kernels.Kernel) -> Loops:
                                            d_carry)
         return d_carry, d_out
 
-    return Loops(forward, backward, gpu=True, gh_first=True)
+    def grads(reverse: bool, w: Array, tape: Tape, h0: Array, xs: Array, d_carry: Array,
+              d_pre: Array | None, d_state: Array | None) -> tuple[Array, Any]:
+        d_w_in, d_b, d_w, d_carry = _kernels.backward_grads(
+            pair, reverse, tape.state, d_state, d_pre, w.T, d_carry, xs, h0)
+        return d_carry, (d_w_in, d_b, d_w)
+
+    return Loops(forward, backward, gpu=True, gh_first=True, grads=grads)
 
 
 # GRU: r = s(x_r + h_r), z = s(x_z + h_z), pre = x_n + r * h_n, n = tanh(pre),
@@ -699,12 +709,14 @@ def _fused_fwd(fc, reverse, unroll, compact, *args):  # noqa: ANN001
     # symbolic_zeros (defvjp below): each array comes with whether it is perturbed.
     w_in, b_in, w, b, xs, carry0, valid, resets, cut = (
         jax.custom_derivatives.custom_vjp_primal_tree_values(args))
+    # Whether the gradient of the inputs is wanted, as a residual: () where it is not.
+    xs_fixed = None if args[4].perturbed else ()
     kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in, b))
     compact_forward = (_compact(fc, xs, carry0, (valid, resets, cut))
                        if compact and kernel is None else None)
     if compact_forward is not None:
         final, pre, tape = compact_forward(reverse, unroll, w_in, b_in, w, b, xs, carry0)
-        res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0))
+        res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0), None)
         return (final, pre, tape.state), res
     if kernel is not None:
         final, tape = kernel.forward(True, reverse, w_in, b_in, w, b, xs, carry0)
@@ -712,7 +724,7 @@ def _fused_fwd(fc, reverse, unroll, compact, *args):  # noqa: ANN001
         # of the residuals keeps them out of the chunks' size (and, for an Elman cell whose
         # pre-activations are unused, out of the computation).
         res = (w_in, b_in, w, b, xs, valid, resets, cut, tape._replace(pre=None),
-               fc.hidden(carry0))
+               fc.hidden(carry0), xs_fixed)
         return (final, tape.pre, tape.state), res
     if _project_per_step():
         final, tape = _forward(fc, reverse, unroll, w, b, xs, carry0, valid, resets,
@@ -720,7 +732,7 @@ def _fused_fwd(fc, reverse, unroll, compact, *args):  # noqa: ANN001
     else:
         final, tape = _forward(fc, reverse, unroll, w, b, _project(xs, w_in, b_in), carry0,
                                valid, resets, cut=cut)
-    res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0))
+    res = (w_in, b_in, w, b, xs, valid, resets, cut, tape, fc.hidden(carry0), None)
     return (final, tape.pre, tape.state), res
 
 
@@ -751,13 +763,21 @@ def _instantiated(cotangent: Any) -> Array:
 
 
 def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
-    w_in, b_in, w, b, xs, valid, resets, cut, tape, h0 = res
+    w_in, b_in, w, b, xs, valid, resets, cut, tape, h0, xs_fixed = res
     d_final, d_pre, d_state = cotangents
     # Zero cotangents of the (T, *batch, H) outputs stay None, never arrays of zeros: the
     # loops add nothing for them. The final carry's (small) are made arrays.
     d_pre, d_state = _nonzero(d_pre), _nonzero(d_state)
     d_final = jax.tree.map(_instantiated, d_final)
     params = (w_in, b_in, w, b)
+    if (xs_fixed is not None and fc.kernel is not None and fc.kernel.grads is not None
+            and _kernels.mode() == "cpu" and _native.FUSED_GRADS):
+        # The forward loop ran as a kernel (xs_fixed is set only then) and the inputs'
+        # gradient is not wanted: one kernel for the loop and the weight gradients.
+        d_carry0, (d_w_in, d_b_in, d_w) = fc.kernel.grads(reverse, w, tape, h0, xs, d_final,
+                                                           d_pre, d_state)
+        d_params = (d_w_in, None if b_in is None else d_b_in, d_w, None)
+        return *_cast(d_params, params), None, d_carry0, None, None, None
     if isinstance(tape, CompactTape):
         d_out, d_carry0, h_in = _lstm_compact_backward(reverse, unroll, w, tape, d_final,
                                                        d_pre, d_state)

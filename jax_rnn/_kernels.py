@@ -287,7 +287,8 @@ def _as_batch(fn: Callable[..., tuple[Array, ...]], kinds: str,
         if args[0] is not None and args[0].ndim == 3:
             return fn(*args)
         inner = {"s": lambda a: a[:, None], "r": lambda a: a[None], "m": lambda a: a}
-        outer = {"s": lambda a: a[:, 0], "r": lambda a: a[0], "t": lambda a: a[..., 0]}
+        outer = {"s": lambda a: a[:, 0], "r": lambda a: a[0], "t": lambda a: a[..., 0],
+                 "m": lambda a: a}
         results = fn(*(None if a is None else inner[k](a)
                        for a, k in zip(args, kinds, strict=True)))
         return tuple(outer[k](a) for a, k in zip(results, outs, strict=True))
@@ -315,10 +316,18 @@ def _forward_native(code: int, reverse: bool, xs: Array, w_in: Array, b: Array |
     bias = jnp.zeros(w.shape[-1:], w.dtype) if b is None else b
     (h,) = _as_batch(_native.forward(code, reverse), *_native.FORWARD_KINDS)(xs, w_in, bias,
                                                                              w, h0)
-    edge = jnp.expand_dims(h0, 0)
-    h_in = jnp.concatenate([h[1:], edge] if reverse else [edge, h[:-1]])
     stacked = jnp.concatenate([w_in, w])
-    return project(jnp.concatenate([xs, h_in], axis=-1), stacked, b), h
+    return project(jnp.concatenate([xs, _inputs_states(h, h0, reverse)], axis=-1), stacked,
+                   b), h
+
+
+def _inputs_states(h: Array, h0: Array, reverse: bool) -> Array:
+    """Each step's input state: the states ``h`` shifted by one step, ``h0`` first in the
+    loop's order."""
+    if h.shape[0] == 0:
+        return h
+    edge = jnp.expand_dims(h0, 0)
+    return jnp.concatenate([h[1:], edge] if reverse else [edge, h[:-1]])
 
 
 def _forward_rows(activation: Callable[[Array], Array], reverse: bool, xs: Array,
@@ -345,6 +354,50 @@ def backward(kernel: Kernel, reverse: bool, h: Array, d_state: Array | None,
         _as_batch(functools.partial(_backward_rows, kernel[1], reverse), "sssmr", "sr"),
         functools.partial(_backward_native, code, reverse),
         functools.partial(_backward_scan, kernel, reverse), h, d_state, d_pre, w_t, d_final)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def backward_grads(kernel: Kernel, reverse: bool, h: Array, d_state: Array | None,
+                   d_pre: Array | None, w_t: Array, d_final: Array, xs: Array,
+                   h0: Array) -> tuple[Array, Array, Array, Array]:
+    """``(d_w_in, d_b, d_w, d_h0)``: :func:`backward` and the weight gradients from its
+    ``d_g``, ``d_w_in = sum x_t^T d_g_t``, ``d_b = sum d_g_t``, ``d_w = sum h_in_t^T d_g_t``
+    (sums over steps and rows; ``h_in``: each step's input state) for the inputs ``xs``
+    and the initial state ``h0``. On CPUs one C++ kernel that keeps each chunk of steps'
+    ``d_g`` in the cache for the contractions and writes no ``(T, B, H)`` array
+    (:func:`_native.grads`); elsewhere :func:`backward` and XLA's contractions. ``d_g``
+    is not returned: for inputs that are not differentiated."""
+    code = ACTIVATIONS.index(kernel[0])
+    gpu = functools.partial(_grads_after, functools.partial(backward, kernel, reverse), reverse)
+    return _dispatch(gpu, functools.partial(_grads_native, code, reverse),
+                     functools.partial(_grads_scan, kernel, reverse), h, d_state, d_pre, w_t,
+                     d_final, xs, h0)
+
+
+def _grads_after(back: Callable[..., tuple[Array, Array]], reverse: bool, h: Array,
+                 d_state: Array | None, d_pre: Array | None, w_t: Array, d_final: Array,
+                 xs: Array, h0: Array) -> tuple[Array, Array, Array, Array]:
+    """:func:`backward_grads` from ``back``, a backward loop returning ``(d_g, d_h0)``,
+    and XLA's contractions."""
+    d_g, d_h0 = back(h, d_state, d_pre, w_t, d_final)
+    lead = tuple(range(h.ndim - 1))
+    return (jnp.tensordot(xs, d_g, (lead, lead)), d_g.sum(lead),
+            jnp.tensordot(_inputs_states(h, h0, reverse), d_g, (lead, lead)), d_h0)
+
+
+def _grads_scan(kernel: Kernel, reverse: bool, *args: Any) -> tuple[Array, ...]:
+    """``backward_grads`` written with ``lax.scan``: its tangents, and the reference."""
+    return _grads_after(functools.partial(_backward_scan, kernel, reverse), reverse, *args)
+
+
+def _grads_native(code: int, reverse: bool, h: Array, d_state: Array | None,
+                  d_pre: Array | None, *rest: Array) -> tuple[Array, ...]:
+    """The C++ kernel; under :func:`jax.vmap`, the backward kernel and XLA's contractions
+    (each vmapped element has weight gradients of its own)."""
+    unfused = functools.partial(_grads_after, functools.partial(_backward_native, code, reverse),
+                                reverse)
+    return _as_batch(_native.grads(code, reverse, unfused), *_native.GRADS_KINDS)(
+        h, *_no_steps(h, d_state, d_pre), *rest)
 
 
 def _no_steps(like: Array, *cotangents: Array | None) -> tuple[Array, ...]:
@@ -592,6 +645,7 @@ def _scan_tangents(kernel: Any, scan: Callable[..., Any], static: int = 2) -> No
 
 _scan_tangents(forward, _forward_scan)
 _scan_tangents(backward, _backward_scan)
+_scan_tangents(backward_grads, _grads_scan)
 _scan_tangents(lstm_forward, _lstm_forward_scan)
 _scan_tangents(lstm_backward, _lstm_backward_scan, static=1)
 _scan_tangents(gru_forward, _gru_forward_scan)

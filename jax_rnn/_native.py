@@ -70,6 +70,17 @@ some calls took twice as long, hence off by default. Where Linux's transparent h
 pages are ``never`` (``/sys/kernel/mm/transparent_hugepage/enabled``), the advice changes
 nothing. Read at trace time, like :data:`jax_rnn._kernels.MODE`."""
 
+FUSED_GRADS = True
+"""Whether a differentiated Elman call whose inputs are not differentiated (a first layer,
+the usual training step) runs its backward loop and weight gradients as one kernel
+(:func:`grads`, default ``True``) rather than the backward kernel followed by XLA's
+contractions in chunks of steps. The kernel writes no ``(T, B, H)`` array of ``d_g``,
+copies no chunk of the states or inputs, and keeps each chunk's ``d_g`` in the cache for
+its contractions: at T=1000, B=32, I=64, H=128 XLA's temporary memory fell from 49 to
+31 MiB, and forward+backward took half the time (docs/performance.md, "One kernel for the
+backward pass and the weight gradients"). Read at trace time; there for A/B runs
+(``benchmarks/kernels.py``'s ``kernel_unfused_grads``)."""
+
 PRETOUCH = True
 """Whether the kernels write a zero into every 4 KiB page of their results (in chunks
 shared with XLA's thread pool) before their loops write them, where the results hold at
@@ -88,6 +99,7 @@ _HEADER = Path(__file__).with_name("_csrc") / "common.h"
 
 _TARGETS = {"jax_rnn_elman_forward": "JaxRnnElmanForward",
             "jax_rnn_elman_backward": "JaxRnnElmanBackward",
+            "jax_rnn_elman_grads": "JaxRnnElmanGrads",
             "jax_rnn_lstm_forward": "JaxRnnLstmForward",
             "jax_rnn_lstm_backward": "JaxRnnLstmBackward",
             "jax_rnn_gru_forward": "JaxRnnGruForward",
@@ -268,6 +280,7 @@ def _warn_once(reason: str) -> None:
 # batched, and runs one call per element where one is (custom_vmap below).
 FORWARD_KINDS = ("smmmr", "s")
 BACKWARD_KINDS = ("sssmr", "tr")
+GRADS_KINDS = ("sssmrsr", "mmmr")
 LSTM_FORWARD_KINDS = ("smmmrr", "ssssssr")
 LSTM_BACKWARD_KINDS = ("sssssssmrr", "srr")
 GRU_FORWARD_KINDS = ("smmmmr", "ssssss")
@@ -278,10 +291,14 @@ Shapes = Callable[..., tuple[tuple[int, ...], ...]]
 
 
 def _call(name: str, kinds: str, outs: str, shapes: Shapes,
+          vmap_with: Callable[..., tuple[Array, ...]] | None = None,
           **attrs: int) -> Callable[..., tuple[Array, ...]]:
     """The FFI target ``name`` as a function of arrays (float32, all of them), with its
     integer attributes ``attrs`` (and ``huge_pages`` and ``pretouch``:
-    :data:`HUGE_PAGES` and :data:`PRETOUCH` at trace time)."""
+    :data:`HUGE_PAGES` and :data:`PRETOUCH` at trace time). Under :func:`jax.vmap` the
+    vmapped axis is folded into the batch axis (``kinds``, ``outs``: see ``_fold``), or,
+    where ``vmap_with`` is given (results summed over the batch), ``vmap_with`` (the same
+    function of the same arguments) is vmapped instead."""
 
     @jax.custom_batching.custom_vmap
     def call(*args: Array) -> tuple[Array, ...]:
@@ -292,6 +309,9 @@ def _call(name: str, kinds: str, outs: str, shapes: Shapes,
 
     @call.def_vmap
     def rule(size: int, batched: list[bool], *args: Array) -> tuple[Any, tuple[bool, ...]]:
+        if vmap_with is not None:
+            in_axes = tuple(0 if b else None for b in batched)
+            return jax.vmap(vmap_with, in_axes)(*args), (True,) * len(outs)
         args = tuple(a if b else jnp.broadcast_to(a, (size, *a.shape))
                      for a, b in zip(args, batched, strict=True))
         if size == 0 or any(b for b, kind in zip(batched, kinds, strict=True) if kind == "m"):
@@ -347,6 +367,21 @@ def backward(code: int, reverse: bool) -> Callable[..., tuple[Array, ...]]:
         return (hidden, length, batch), (batch, hidden)
 
     return _call("jax_rnn_elman_backward", *BACKWARD_KINDS, shapes, activation=code,
+                 reverse=reverse)
+
+
+def grads(code: int, reverse: bool, vmap_with: Callable[..., tuple[Array, ...]],
+          ) -> Callable[..., tuple[Array, ...]]:
+    """``(h, d_state, d_pre, w_t, d_final, xs, h0) -> (d_w_in, d_b, d_w, d_h0)``: the
+    backward loop of :func:`backward` followed by the weight gradients (``d_b``: of the
+    summed bias), in one kernel that writes no ``d_g``; for inputs that are not
+    differentiated. ``vmap_with``: the same function of the same arguments, vmapped in
+    its place (each vmapped element has weight gradients of its own)."""
+    def shapes(h: Array, *rest: Array) -> tuple[tuple[int, ...], ...]:
+        hidden, inputs = h.shape[-1], rest[4].shape[-1]
+        return (inputs, hidden), (hidden,), (hidden, hidden), h.shape[1:]
+
+    return _call("jax_rnn_elman_grads", *GRADS_KINDS, shapes, vmap_with, activation=code,
                  reverse=reverse)
 
 

@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import jax_rnn
-from jax_rnn import _kernels, _native
+from jax_rnn import _fused, _kernels, _native
 from jax_rnn.reference import numpy_gru_unroll, numpy_lstm_unroll, numpy_unroll
 
 from ._strategies import as64
@@ -111,11 +111,20 @@ def _check(relu, steps, batch, inputs, hidden, scale, reverse, seed, kernels_run
     for got, want in ((ys.state, ref.state), (ys.pre_activation, ref.pre_activation),
                       (ys.output, ref.output), (final, ref_final)):
         np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5 * big)
-    fused = grad(cell, params, xs, state0, "fused", reverse=reverse)
-    scan = grad(cell, params, xs, state0, "scan", reverse=reverse)
-    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
-        scale_b = max(1.0, float(np.abs(b).max()))
-        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * scale_b)
+    # Gradients of everything, and of all but the inputs: on CPUs the latter's backward
+    # loop and weight gradients are one kernel (jax_rnn_elman_grads).
+    fixed_xs = jax.grad(_loss, argnums=(1, 3))
+    if _kernels.mode() == "cpu":
+        for fn, target in ((grad, "jax_rnn_elman_backward"), (fixed_xs, "jax_rnn_elman_grads")):
+            text = str(jax.make_jaxpr(lambda *a, fn=fn: fn(cell, *a, "fused", reverse=reverse))(
+                params, xs, state0))
+            assert f"target_name={target}" in text
+    for fn in (grad, fixed_xs):
+        fused = fn(cell, params, xs, state0, "fused", reverse=reverse)
+        scan = fn(cell, params, xs, state0, "scan", reverse=reverse)
+        for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(scan), strict=True):
+            scale_b = max(1.0, float(np.abs(b).max()))
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * scale_b)
 
 
 # The fixture's state (kernels on) is the same for every example: nothing to reset.
@@ -328,6 +337,95 @@ def test_cpu_kernel_edge_cases(native, relu, steps, batch, hidden, reverse):
     """(ReLU at scale 4 over 20 steps is left out: its float32 gradients differ from
     float64's by about 2% on every path, XLA's loops and impl="scan" alike.)"""
     _check(relu, steps, batch, 2, hidden, 4.0 if relu else 1.0, reverse, seed=11)
+
+
+def _numpy_grads(relu, reverse, h, d_state, d_pre, w_t, d_final, xs, h0):
+    """``(d_w_in, d_b, d_w, d_h0)`` of an Elman cell's backward pass, a float64 loop over
+    the steps from the equations: ``d_g_t = act'(h_t) (d_h_t + d_state_t) + d_pre_t``,
+    ``d_h_{t-1} = d_g_t @ w_t``, and ``sum_t x_t^T d_g_t``, ``sum_t d_g_t``,
+    ``sum_t h_{t-1}^T d_g_t`` (rows of a batch summed too; ``h_{-1} = h0``)."""
+    f64 = [None if a is None else np.asarray(a, np.float64)
+           for a in (h, d_state, d_pre, w_t, d_final, xs, h0)]
+    h, d_state, d_pre, w_t, d_h, xs, h0 = f64
+    d_w_in, d_b, d_w = (np.zeros((xs.shape[-1], h.shape[-1])), np.zeros(h.shape[-1]),
+                        np.zeros(w_t.shape))
+    steps = range(len(h)) if reverse else reversed(range(len(h)))
+    for t in steps:
+        d = d_h if d_state is None else d_h + d_state[t]
+        d_g = d * (h[t] > 0) if relu else d * (1 - h[t] ** 2)
+        d_g = d_g if d_pre is None else d_g + d_pre[t]
+        h_in = h0 if (t == len(h) - 1 if reverse else t == 0) else h[t + 1 if reverse else t - 1]
+        d_w_in += np.reshape(xs[t], (-1, xs.shape[-1])).T @ np.reshape(d_g, (-1, d_g.shape[-1]))
+        d_w += np.reshape(h_in, (-1, h.shape[-1])).T @ np.reshape(d_g, (-1, d_g.shape[-1]))
+        d_b += np.reshape(d_g, (-1, d_g.shape[-1])).sum(0)
+        d_h = d_g @ w_t
+    return d_w_in, d_b, d_w, d_h
+
+
+@pytest.mark.parametrize(("steps", "batch", "inputs", "hidden"), [
+    (0, 3, 2, 5),  # no steps: d_h0 = d_final, zero weight gradients
+    (1, 1, 1, 1),  # one step, one row, one unit
+    (5, None, 9, 17),  # unbatched; blocks of 8 input rows and 1; column vectors 16 + 1
+    (7, 3, 17, 40),  # three blocks of input rows; a column pair of 16 + 16, then 8
+    (40, 32, 20, 128),  # 16-step chunks (the last of 8), shared with a second thread
+    (300, 2, 3, 33),  # 993-step chunks: one, partial
+])
+def test_cpu_grads_kernel_against_a_numpy_loop(native, steps, batch, inputs, hidden):
+    """The backward loop with its weight gradients in one kernel (_native.grads, for
+    inputs that are not differentiated), both activations, both directions, each of the
+    states' and pre-activations' cotangents zero (None) or not: against a float64 numpy
+    loop, at float32 rounding (relative to each result's largest entry)."""
+    rng = np.random.default_rng(steps + hidden)
+    rows = () if batch is None else (batch,)
+    for relu, reverse, (with_state, with_pre) in zip(
+            (False, True, False, True), (False, True, True, False),
+            ((True, False), (False, True), (True, True), (False, False)), strict=True):
+        h = rng.uniform(-1, 1, (steps, *rows, hidden)).astype(np.float32)
+        h = np.maximum(h, 0) if relu else h
+        d_state = rng.normal(size=h.shape).astype(np.float32) if with_state else None
+        d_pre = rng.normal(size=h.shape).astype(np.float32) if with_pre else None
+        w_t = (rng.normal(size=(hidden, hidden)) / np.sqrt(hidden)).astype(np.float32)
+        d_final, h0 = (rng.normal(size=(*rows, hidden)).astype(np.float32) for _ in range(2))
+        xs = rng.normal(size=(steps, *rows, inputs)).astype(np.float32)
+        activation = _kernels.ACTIVATIONS[relu]
+        kernel = activation, dict(_fused._BACK_FROM_OUTPUT)[activation]
+        args = (h, d_state, d_pre, w_t, d_final, xs, h0)
+        text = str(jax.make_jaxpr(functools.partial(_kernels.backward_grads, kernel, reverse))(
+            *args))
+        assert "target_name=jax_rnn_elman_grads" in text
+        got = jax.jit(functools.partial(_kernels.backward_grads, kernel, reverse))(*args)
+        want = _numpy_grads(relu, reverse, *args)
+        for a, b in zip(got, want, strict=True):
+            assert a.shape == b.shape and a.dtype == np.float32
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(b).max()))
+
+
+def test_cpu_grads_kernel_under_vmap_and_second_order(native):
+    """Gradients of the weights alone (inputs not differentiated): per-example weights
+    under vmap (each element's own weight gradients: the backward kernel and XLA's
+    contractions, vmapped), and reverse-over-reverse (the tangents of the same written
+    with scan), against impl="scan"."""
+    cell = jax_rnn.elman_relu
+    params, xs, _ = _problem(cell, 9, 4, 3, 20, 1.0, seed=21, readout=False)
+    per_example = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a]), params)
+
+    def loss(p, impl):
+        return jnp.sum(jnp.sin(jax_rnn.unroll(cell, p, xs, impl=impl)[1].state))
+
+    per = jax.vmap(jax.grad(loss), in_axes=(0, None))
+    assert "target_name=jax_rnn_elman_grads" in str(jax.make_jaxpr(jax.grad(loss),
+                                                                   static_argnums=1)(
+        params, "fused"))
+    v = jax.tree.map(jnp.ones_like, params)
+
+    def hvp(p, impl):
+        g = jax.grad(loss)(p, impl)
+        return jnp.vdot(jax.flatten_util.ravel_pytree(g)[0], jax.flatten_util.ravel_pytree(v)[0])
+
+    for fn, p, tol in ((per, per_example, 2e-5), (jax.grad(hvp), params, 1e-4)):
+        for a, b in zip(jax.tree.leaves(fn(p, "fused")), jax.tree.leaves(fn(p, "scan")),
+                        strict=True):
+            np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(abs(b).max())))
 
 
 def test_cpu_kernel_thread_count(native):

@@ -447,23 +447,30 @@ void RunGatedForward(ffi::ThreadPool& pool, int64_t length, int64_t batch, int64
   Run(pool, length, panels, batch * (inputs + hidden) * kGates * hidden, panel);
 }
 
+// w_t (depth, hidden) packed for RunBackwardPacked (by panels of 16 columns, PackPanels).
+inline std::vector<float> PackBackward(const float* w_t, int64_t depth, int64_t hidden) {
+  return PackPanels({{w_t, depth}}, hidden, (hidden + kLanes - 1) / kLanes, 1,
+                    InOrder(hidden));
+}
+
 // The backward loop of a cell, in the backward order of its steps s = 0, ..., length - 1:
 // gate(s, r, j, n, d) turns the cotangent d of step s's output state (row r, columns
 // j..j+n-1) into that step's pre-activation gradients, which source(s) holds by rows
 // (`depth` of them a row) once every panel of step s - 1 is done; d_final gives step 0's
-// d, the product source(s) @ w_t (w_t: (depth, hidden)) step s + 1's, and after the last
-// step it is d_h0.
+// d, the product source(s) @ w_t (w_t: (depth, hidden), given packed by PackBackward) step
+// s + 1's, and after the last step it is d_h0. d_final and d_h0 may be the same buffer
+// (a kernel that runs the loop over chunks of its steps, packing w_t once).
 template <typename Source, typename Gate>
-void RunBackward(ffi::ThreadPool& pool, int64_t length, int64_t batch, int64_t hidden,
-                 int64_t depth, const float* w_t, const float* d_final, float* d_h0,
-                 const Source& source, const Gate& gate) {
+void RunBackwardPacked(ffi::ThreadPool& pool, int64_t length, int64_t batch, int64_t hidden,
+                       int64_t depth, const float* packed, const float* d_final, float* d_h0,
+                       const Source& source, const Gate& gate) {
   for (int64_t r = 0; r < batch; ++r) {
     for (int64_t j = 0; j < hidden; j += kLanes) {
       const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
       gate(0, r, j, n, LoadN(d_final + r * hidden + j, n));
     }
   }
-  auto panel = [&](const float* m, int64_t step, int64_t p) {
+  auto panel = [&](int64_t step, int64_t p) {
     const int64_t j = p * kLanes;
     const int n = static_cast<int>(std::min<int64_t>(kLanes, hidden - j));
     auto start = [](int64_t, auto& acc) { acc[0] = Vec{}; };
@@ -471,9 +478,20 @@ void RunBackward(ffi::ThreadPool& pool, int64_t length, int64_t batch, int64_t h
       if (step + 1 < length) gate(step + 1, r, j, n, acc[0]);
       else StoreN(d_h0 + r * hidden + j, acc[0], n);
     };
-    WidePanel<1>(Rows{nullptr, 0}, Rows{source(step), depth}, m, batch, start, finish);
+    WidePanel<1>(Rows{nullptr, 0}, Rows{source(step), depth}, packed + p * depth * kLanes,
+                 batch, start, finish);
   };
-  RunProduct(pool, length, hidden, {{w_t, depth}}, batch * depth * hidden, panel);
+  Run(pool, length, (hidden + kLanes - 1) / kLanes, batch * depth * hidden, panel);
+}
+
+// RunBackwardPacked with w_t as it is.
+template <typename Source, typename Gate>
+void RunBackward(ffi::ThreadPool& pool, int64_t length, int64_t batch, int64_t hidden,
+                 int64_t depth, const float* w_t, const float* d_final, float* d_h0,
+                 const Source& source, const Gate& gate) {
+  const std::vector<float> packed = PackBackward(w_t, depth, hidden);
+  RunBackwardPacked(pool, length, batch, hidden, depth, packed.data(), d_final, d_h0, source,
+                    gate);
 }
 
 // Whether `dims` is `want` (-1: any), else an error naming the kernel and the operand.
