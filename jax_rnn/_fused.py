@@ -56,7 +56,10 @@ the forward kernel after the hoisted projection), on a CPU C++ kernels
 CPU a GRU's and an LSTM's loops do too, under the same conditions (:class:`Loops`; the
 LSTM's differentiated calls up to ``_LSTM_KERNEL_MAX_HIDDEN`` hidden units, its forward
 loop alone at any size); they take precedence over the compact paths. The contractions
-after the backward loop are XLA's, as for the other cells.
+after the backward loop are XLA's, as for the other cells, except for an Elman cell on a
+CPU whose inputs are not differentiated (``custom_vjp``'s symbolic zeros tell): there one
+C++ kernel runs the backward loop and the weight gradients (``Loops.grads``), chunk by
+chunk, and writes no ``(T, *batch, H)`` array.
 
 Forward-mode autodiff (``jax.jvp``, ``jax.jacfwd``) cannot pass a ``custom_vjp``: use
 ``unroll(..., impl="scan")`` for it (reverse-over-reverse works on both).

@@ -478,8 +478,13 @@ def lstm_forward(tape: bool, reverse: bool, xs: Array, w_in: Array, b: Array | N
 def _lstm_forward_native(tape: bool, reverse: bool, xs: Array, w_in: Array, b: Array | None,
                          w: Array, h0: Array, c0: Array) -> tuple[Array, ...]:
     bias = jnp.zeros(w.shape[-1:], w.dtype) if b is None else b
-    return _as_batch(_native.lstm_forward(tape, reverse), *_native.LSTM_FORWARD_KINDS)(
+    h, g, *rest = _as_batch(_native.lstm_forward(tape, reverse), *_native.LSTM_FORWARD_KINDS)(
         xs, w_in, bias, w, h0, c0)
+    if not tape:  # no g from the kernel: from the states, one product XLA drops if unused
+        cols = slice(2 * w.shape[0], 3 * w.shape[0])
+        g = project(jnp.concatenate([xs, _inputs_states(h, h0, reverse)], axis=-1),
+                    jnp.concatenate([w_in, w])[:, cols], bias[cols])
+    return (h, g, *rest)
 
 
 def lstm_step_back(w_t: Array, g: Array, i: Array, f: Array, o: Array, c_prev: Array,

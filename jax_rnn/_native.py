@@ -389,13 +389,13 @@ def grads(code: int, reverse: bool, vmap_with: Callable[..., tuple[Array, ...]],
 def lstm_forward(tape: bool, reverse: bool) -> Callable[..., tuple[Array, ...]]:
     """``(xs (T, B, I), w_in (I, 4H), b (4H,), w (H, 4H), h0 (B, H), c0 (B, H)) -> (h, g,
     s(i), s(f), s(o), c_in, c_final)``: an LSTM's forward loop (gates ``[i, f, g, o]``):
-    its states, the cell input's pre-activation ``g`` (the public one), and with the
-    ``tape`` for the backward loop each step's three sigmoid gates and input cell state
-    (``(T, B, H)`` each; without, ``(0, B, H)``)."""
+    its states, and with the ``tape`` for the backward loop each step's cell input
+    pre-activation ``g`` (the public one), three sigmoid gates and input cell state
+    (``(T, B, H)`` each; without, ``(0, B, H)``), then the final cell state."""
     def shapes(xs: Array, *weights: Array) -> tuple[tuple[int, ...], ...]:
         (length, batch, _), hidden = xs.shape, weights[-1].shape[-1]
         kept = (length if tape else 0, batch, hidden)
-        return ((length, batch, hidden),) * 2 + (kept,) * 4 + ((batch, hidden),)
+        return ((length, batch, hidden),) + (kept,) * 5 + ((batch, hidden),)
 
     return _call("jax_rnn_lstm_forward", *LSTM_FORWARD_KINDS, shapes, reverse=reverse,
                  tape=tape)

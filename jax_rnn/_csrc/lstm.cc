@@ -28,8 +28,9 @@ namespace {
 constexpr int kGates = 4;  // i, f, g, o
 
 // The forward loop. c_final holds the running cell state (c0 at first, updated in place:
-// each panel owns its columns). With the tape, i, f, o and c_in are (T, B, H); without,
-// (0, B, H).
+// each panel owns its columns). With the tape, g, i, f, o and c_in are (T, B, H); without,
+// (0, B, H): jax_rnn recomputes the public pre-activations g from the states with one XLA
+// product, which XLA drops where they are unused (writing them here cost fresh memory).
 ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
                            ffi::Buffer<ffi::F32> w_in, ffi::Buffer<ffi::F32> b,
                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> h0,
@@ -51,7 +52,7 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
                      CheckShape(name, "h0", h0.dimensions(), {batch, hidden}),
                      CheckShape(name, "c0", c0.dimensions(), {batch, hidden}),
                      CheckShape(name, "h", h->dimensions(), {length, batch, hidden}),
-                     CheckShape(name, "g", g->dimensions(), {length, batch, hidden}),
+                     CheckShape(name, "g", g->dimensions(), {kept, batch, hidden}),
                      CheckShape(name, "i", i->dimensions(), {kept, batch, hidden}),
                      CheckShape(name, "f", f->dimensions(), {kept, batch, hidden}),
                      CheckShape(name, "o", o->dimensions(), {kept, batch, hidden}),
@@ -74,8 +75,8 @@ ffi::Error LstmForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> xs,
     const Vec c = fg * c_prev + ig * Tanh(acc[2]);
     StoreN(c_row, c, n);
     StoreN(h_p + at, og * Tanh(c), n);
-    StoreN(g_p + at, acc[2], n);
     if (tape) {
+      StoreN(g_p + at, acc[2], n);
       StoreN(i_p + at, ig, n);
       StoreN(f_p + at, fg, n);
       StoreN(o_p + at, og, n);
