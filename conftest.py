@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, settings
 # flags cut them without changing what is tested (every comparison has a tolerance; the
 # C++ kernels are compiled apart): --xla_backend_optimization_level=0 skips LLVM's
 # expensive optimisations (roughly halves a compile), and --xla_cpu_use_fusion_emitters=false
-# takes XLA's older elementwise emitters, cheaper to compile (the suite took 179 s
+# takes XLA's older elementwise emitters, cheaper to compile (the suite took 163 s
 # against 375 s without it, 2 cores, load 3). An XLA that does not know a flag aborts
 # the process, so the second is probed once in a subprocess; the result is passed to
 # pytest-xdist's workers and the tests' own subprocesses in JAX_RNN_TEST_XLA_FLAGS. Set

@@ -124,9 +124,10 @@ class Loops(NamedTuple):
         max_hidden: the widest hidden size the kernels run in a differentiated call
             (``None``: any; on GPUs ``_kernels.fits`` decides too); a call that is not
             differentiated runs the forward kernel at any size.
-        grads: ``(reverse, w, tape, h0, xs, d_carry, d_pre, d_state) -> (d_carry0,
-            (d_w_in, d_b_in, d_w))``, the backward loop and the weight gradients in one
-            kernel on CPUs, for inputs ``xs`` that are not differentiated; or ``None``.
+        grads: ``(reverse, w, tape, h0, xs, d_carry, d_pre, d_state, unfused) ->
+            (d_carry0, (d_w_in, d_b_in, d_w))``, the backward loop and the weight gradients
+            in one kernel on CPUs, for inputs ``xs`` that are not differentiated
+            (``unfused``: the same by other means, for :func:`jax.vmap`); or ``None``.
     """
 
     forward: Callable[..., tuple[Any, Tape]]
@@ -268,9 +269,10 @@ def _elman_loops(pair: _kernels.Kernel) -> Loops:
         return d_carry, d_out
 
     def grads(reverse: bool, w: Array, tape: Tape, h0: Array, xs: Array, d_carry: Array,
-              d_pre: Array | None, d_state: Array | None) -> tuple[Array, Any]:
+              d_pre: Array | None, d_state: Array | None,
+              unfused: Callable[..., tuple[Array, ...]]) -> tuple[Array, Any]:
         d_w_in, d_b, d_w, d_carry = _kernels.backward_grads(
-            pair, reverse, tape.state, d_state, d_pre, w.T, d_carry, xs, h0)
+            pair, reverse, unfused, tape.state, d_state, d_pre, w.T, d_carry, xs, h0)
         return d_carry, (d_w_in, d_b, d_w)
 
     return Loops(forward, backward, gpu=True, gh_first=True, grads=grads)
@@ -776,9 +778,11 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
     if (xs_fixed is not None and fc.kernel is not None and fc.kernel.grads is not None
             and _kernels.mode() == "cpu" and _native.FUSED_GRADS):
         # The forward loop ran as a kernel (xs_fixed is set only then) and the inputs'
-        # gradient is not wanted: one kernel for the loop and the weight gradients.
+        # gradient is not wanted: one kernel for the loop and the weight gradients (under
+        # vmap, the general path below, vmapped: _unfused_grads).
+        unfused = functools.partial(_unfused_grads, fc, reverse, unroll)
         d_carry0, (d_w_in, d_b_in, d_w) = fc.kernel.grads(reverse, w, tape, h0, xs, d_final,
-                                                           d_pre, d_state)
+                                                           d_pre, d_state, unfused)
         d_params = (d_w_in, None if b_in is None else d_b_in, d_w, None)
         return *_cast(d_params, params), None, d_carry0, None, None, None
     if isinstance(tape, CompactTape):
@@ -786,6 +790,16 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
                                                        d_pre, d_state)
         d_params, d_xs = _param_grads(fc, params, xs, tape, h_in, d_out)
         return *_cast(d_params, params), d_xs.astype(xs.dtype), d_carry0, None, None, None
+    d_params, d_xs, d_carry0 = _loops_bwd(fc, reverse, unroll, params, xs, valid, resets, cut,
+                                          tape, h0, d_final, d_pre, d_state)
+    return *_cast(d_params, params), d_xs.astype(xs.dtype), d_carry0, None, None, None
+
+
+def _loops_bwd(fc, reverse, unroll, params, xs, valid, resets, cut, tape, h0, d_final,  # noqa: ANN001
+               d_pre, d_state):  # noqa: ANN001
+    """``(d_params, d_xs, d_carry0)`` by the backward loop (XLA's or a kernel) and XLA's
+    contractions, in chunks of steps where ``_chunk_length`` says so."""
+    w_in, _, w, _ = params
     steps = (tape, d_pre, d_state, valid, resets, cut, xs)
     chunk = _chunk_length(tape, xs.shape[0], w_in.shape[0] + w.shape[0])
     d_carry0 = None if resets is None else _zeros_like(d_final)
@@ -811,7 +825,25 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
         (d_c, d_carry0), d_params, d_xs = _by_chunks(back, (d_final, d_carry0), steps, chunk,
                                                      reverse, tape.state, h0)
     d_carry0 = d_c if d_carry0 is None else jax.tree.map(jnp.add, d_carry0, d_c)
-    return *_cast(d_params, params), d_xs.astype(xs.dtype), d_carry0, None, None, None
+    return d_params, d_xs, d_carry0
+
+
+def _unfused_grads(fc: FusedCell, reverse: bool, unroll: int | bool, h: Array, d_state: Array,
+                   d_pre: Array, w_t: Array, d_final: Array, xs: Array, h0: Array,
+                   ) -> tuple[Array, Array, Array, Array]:
+    """What ``fc.kernel.grads`` computes, ``(d_w_in, d_b, d_w, d_h0)`` from the states
+    ``h`` (an unmasked kernel loop's), by the general path (``_loops_bwd``: the backward
+    kernel and XLA's contractions, in chunks): the grads kernel's stand-in under
+    :func:`jax.vmap`, where each element has weight gradients of its own. A zero
+    cotangent comes as an array of no steps."""
+    w = w_t.T
+    hidden = w.shape[-1:]
+    params = (jnp.zeros(xs.shape[-1:] + hidden, w.dtype), jnp.zeros(hidden, w.dtype), w, None)
+    steps = [None if len(a) != len(h) or len(h) == 0 else a for a in (d_pre, d_state)]
+    (d_w_in, d_b, d_w, _), _, d_h0 = _loops_bwd(fc, reverse, unroll, params, xs, None, None,
+                                                None, Tape(None, None, h, ()), h0, d_final,
+                                                *steps)
+    return d_w_in, d_b, d_w, d_h0
 
 
 def _cast(grads: tuple[Any, ...], params: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -13,7 +13,8 @@ one kernel. The kernels here do the same for the two sequential loops of the fus
   the projected inputs ``gx`` (the input product for all steps, done before by XLA);
 - ``backward``: ``d pre_t = act'(h_t) (d h_t + d state_t) + d pre_t`` and ``d h_{t-1} =
   d pre_t @ w.T`` in the backward order; the weight gradients are one contraction each
-  afterwards, as in the fused path.
+  afterwards, as in the fused path (on CPUs, where the inputs are not differentiated,
+  ``backward_grads``: the loop and the weight gradients in one C++ kernel).
 
 Each kernel instance (``pallas_call`` program, a thread block) runs the loop over time
 for one batch row, which is independent of the others, holding ``w`` in registers: a
@@ -37,12 +38,13 @@ the backward kernel. The GRU's forward kernel does the same with its three gates
 (``gx_n`` and ``gh_n`` in accumulators of their own) and keeps the gates XLA's loops
 keep.
 
-The kernels are pure functions of arrays; :func:`forward`, :func:`backward` and the
-LSTM's and GRU's two wrap each in a :func:`jax.custom_jvp` whose tangent is the same
-recurrence's written with ``lax.scan``, so that reverse-over-reverse differentiation and
-``jax.vmap`` go through them. With ``JAX_RNN_KERNELS=interpret`` (the tests, on a CPU)
-the Pallas kernels run in Pallas's interpreter. The activation and its derivative are
-the fused path's own (``_fused._BACK_FROM_OUTPUT``), passed in as a pair of functions.
+The kernels are pure functions of arrays; :func:`forward`, :func:`backward`,
+:func:`backward_grads` and the LSTM's and GRU's two wrap each in a :func:`jax.custom_jvp`
+whose tangent is the same recurrence's written with ``lax.scan``, so that
+reverse-over-reverse differentiation and ``jax.vmap`` go through them. With
+``JAX_RNN_KERNELS=interpret`` (the tests, on a CPU) the Pallas kernels run in Pallas's
+interpreter. The activation and its derivative are the fused path's own
+(``_fused._BACK_FROM_OUTPUT``), passed in as a pair of functions.
 """
 
 from __future__ import annotations
@@ -356,22 +358,26 @@ def backward(kernel: Kernel, reverse: bool, h: Array, d_state: Array | None,
         functools.partial(_backward_scan, kernel, reverse), h, d_state, d_pre, w_t, d_final)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def backward_grads(kernel: Kernel, reverse: bool, h: Array, d_state: Array | None,
-                   d_pre: Array | None, w_t: Array, d_final: Array, xs: Array,
-                   h0: Array) -> tuple[Array, Array, Array, Array]:
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def backward_grads(kernel: Kernel, reverse: bool,
+                   unfused: Callable[..., tuple[Array, ...]] | None, h: Array,
+                   d_state: Array | None, d_pre: Array | None, w_t: Array, d_final: Array,
+                   xs: Array, h0: Array) -> tuple[Array, Array, Array, Array]:
     """``(d_w_in, d_b, d_w, d_h0)``: :func:`backward` and the weight gradients from its
     ``d_g``, ``d_w_in = sum x_t^T d_g_t``, ``d_b = sum d_g_t``, ``d_w = sum h_in_t^T d_g_t``
     (sums over steps and rows; ``h_in``: each step's input state) for the inputs ``xs``
     and the initial state ``h0``. On CPUs one C++ kernel that keeps each chunk of steps'
     ``d_g`` in the cache for the contractions and writes no ``(T, B, H)`` array
     (:func:`_native.grads`); elsewhere :func:`backward` and XLA's contractions. ``d_g``
-    is not returned: for inputs that are not differentiated."""
+    is not returned: for inputs that are not differentiated. ``unfused``: the same
+    function of the same arguments (zero cotangents as arrays of no steps), vmapped in
+    the kernel's place under :func:`jax.vmap` (the fused path's chunked backward pass);
+    ``None`` for :func:`backward`'s kernel and XLA's contractions over all steps."""
     code = ACTIVATIONS.index(kernel[0])
     gpu = functools.partial(_grads_after, functools.partial(backward, kernel, reverse), reverse)
-    return _dispatch(gpu, functools.partial(_grads_native, code, reverse),
-                     functools.partial(_grads_scan, kernel, reverse), h, d_state, d_pre, w_t,
-                     d_final, xs, h0)
+    return _dispatch(gpu, functools.partial(_grads_native, code, reverse, unfused),
+                     functools.partial(_grads_scan, kernel, reverse, unfused), h, d_state,
+                     d_pre, w_t, d_final, xs, h0)
 
 
 def _grads_after(back: Callable[..., tuple[Array, Array]], reverse: bool, h: Array,
@@ -385,17 +391,19 @@ def _grads_after(back: Callable[..., tuple[Array, Array]], reverse: bool, h: Arr
             jnp.tensordot(_inputs_states(h, h0, reverse), d_g, (lead, lead)), d_h0)
 
 
-def _grads_scan(kernel: Kernel, reverse: bool, *args: Any) -> tuple[Array, ...]:
+def _grads_scan(kernel: Kernel, reverse: bool, unfused: Any, *args: Any) -> tuple[Array, ...]:
     """``backward_grads`` written with ``lax.scan``: its tangents, and the reference."""
     return _grads_after(functools.partial(_backward_scan, kernel, reverse), reverse, *args)
 
 
-def _grads_native(code: int, reverse: bool, h: Array, d_state: Array | None,
-                  d_pre: Array | None, *rest: Array) -> tuple[Array, ...]:
-    """The C++ kernel; under :func:`jax.vmap`, the backward kernel and XLA's contractions
-    (each vmapped element has weight gradients of its own)."""
-    unfused = functools.partial(_grads_after, functools.partial(_backward_native, code, reverse),
-                                reverse)
+def _grads_native(code: int, reverse: bool, unfused: Callable[..., tuple[Array, ...]] | None,
+                  h: Array, d_state: Array | None, d_pre: Array | None,
+                  *rest: Array) -> tuple[Array, ...]:
+    """The C++ kernel; under :func:`jax.vmap`, ``unfused`` (each vmapped element has
+    weight gradients of its own), by default the backward kernel and XLA's contractions."""
+    if unfused is None:
+        unfused = functools.partial(
+            _grads_after, functools.partial(_backward_native, code, reverse), reverse)
     return _as_batch(_native.grads(code, reverse, unfused), *_native.GRADS_KINDS)(
         h, *_no_steps(h, d_state, d_pre), *rest)
 
@@ -650,7 +658,7 @@ def _scan_tangents(kernel: Any, scan: Callable[..., Any], static: int = 2) -> No
 
 _scan_tangents(forward, _forward_scan)
 _scan_tangents(backward, _backward_scan)
-_scan_tangents(backward_grads, _grads_scan)
+_scan_tangents(backward_grads, _grads_scan, static=3)
 _scan_tangents(lstm_forward, _lstm_forward_scan)
 _scan_tangents(lstm_backward, _lstm_backward_scan, static=1)
 _scan_tangents(gru_forward, _gru_forward_scan)

@@ -3,8 +3,9 @@ custom calls.
 
 XLA's CPU backend runs the small matrix product of each step of a recurrence on one core
 and pays a fixed cost per operation of a loop body. The C++ kernels run an Elman, GRU or
-LSTM cell's forward loop, or its backward (state-gradient) loop, as one custom call each:
-every step's product in vector registers, the cell's activations in the same pass, and
+LSTM cell's forward loop, or its backward (state-gradient) loop, as one custom call each
+(the Elman cell's backward loop also with its weight gradients, :func:`grads`): every
+step's product in vector registers, the cell's activations in the same pass, and
 the product shared with other threads of XLA's own thread pool where a step is large
 enough (see the sources; measured with 2 threads, this machine's pool).
 :mod:`jax_rnn._kernels` decides where they are used.
@@ -77,9 +78,11 @@ the usual training step) runs its backward loop and weight gradients as one kern
 contractions in chunks of steps. The kernel writes no ``(T, B, H)`` array of ``d_g``,
 copies no chunk of the states or inputs, and keeps each chunk's ``d_g`` in the cache for
 its contractions: at T=1000, B=32, I=64, H=128 XLA's temporary memory fell from 49 to
-31 MiB, and forward+backward took half the time (docs/performance.md, "One kernel for the
-backward pass and the weight gradients"). Read at trace time; there for A/B runs
-(``benchmarks/kernels.py``'s ``kernel_unfused_grads``)."""
+31 MiB, and forward+backward took half the time (docs/performance.md, "The Elman cell's
+backward pass and weight gradients in one kernel"). Under :func:`jax.vmap`, where each
+element has weight gradients of its own, the general path runs instead, vmapped (the
+backward kernel and XLA's contractions, in chunks of steps). Read at trace time; there
+for A/B runs (``benchmarks/kernels.py``'s ``kernel_unfused_grads``)."""
 
 PRETOUCH = True
 """Whether the kernels write a zero into every 4 KiB page of their results (in chunks

@@ -368,7 +368,8 @@ def _numpy_grads(relu, reverse, h, d_state, d_pre, w_t, d_final, xs, h0):
     (5, None, 9, 17),  # unbatched; blocks of 8 input rows and 1; column vectors 16 + 1
     (7, 3, 17, 40),  # three blocks of input rows; a column pair of 16 + 16, then 8
     (40, 32, 20, 128),  # 16-step chunks (the last of 8), shared with a second thread
-    (300, 2, 3, 33),  # 993-step chunks: one, partial
+    (300, 2, 3, 33),  # one chunk of all 300 steps; a column pair of 32, then 1
+    (3, 600, 5, 128),  # chunks of one step (a step of 600 x 128 is over 2^16 floats)
 ])
 def test_cpu_grads_kernel_against_a_numpy_loop(native, steps, batch, inputs, hidden):
     """The backward loop with its weight gradients in one kernel (_native.grads, for
@@ -390,21 +391,24 @@ def test_cpu_grads_kernel_against_a_numpy_loop(native, steps, batch, inputs, hid
         activation = _kernels.ACTIVATIONS[relu]
         kernel = activation, dict(_fused._BACK_FROM_OUTPUT)[activation]
         args = (h, d_state, d_pre, w_t, d_final, xs, h0)
-        text = str(jax.make_jaxpr(functools.partial(_kernels.backward_grads, kernel, reverse))(
-            *args))
-        assert "target_name=jax_rnn_elman_grads" in text
-        got = jax.jit(functools.partial(_kernels.backward_grads, kernel, reverse))(*args)
+        fn = functools.partial(_kernels.backward_grads, kernel, reverse, None)
+        assert "target_name=jax_rnn_elman_grads" in str(jax.make_jaxpr(fn)(*args))
+        got = jax.jit(fn)(*args)
         want = _numpy_grads(relu, reverse, *args)
         for a, b in zip(got, want, strict=True):
             assert a.shape == b.shape and a.dtype == np.float32
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(b).max()))
 
 
-def test_cpu_grads_kernel_under_vmap_and_second_order(native):
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_cpu_grads_kernel_under_vmap_and_second_order(native, monkeypatch, chunk):
     """Gradients of the weights alone (inputs not differentiated): per-example weights
-    under vmap (each element's own weight gradients: the backward kernel and XLA's
-    contractions, vmapped), and reverse-over-reverse (the tangents of the same written
-    with scan), against impl="scan"."""
+    under vmap (each element's own weight gradients: the fused path's general backward
+    pass, vmapped, in chunks where it takes them: here 2 of 4 steps and 1), and
+    reverse-over-reverse (the tangents of the same written with scan), against
+    impl="scan"."""
+    if chunk is not None:
+        monkeypatch.setattr(jax_rnn._fused, "_chunk_length", lambda *a: chunk)
     cell = jax_rnn.elman_relu
     params, xs, _ = _problem(cell, 9, 4, 3, 20, 1.0, seed=21, readout=False)
     per_example = jax.tree.map(lambda a: jnp.stack([a, 0.5 * a, -a]), params)
@@ -413,9 +417,11 @@ def test_cpu_grads_kernel_under_vmap_and_second_order(native):
         return jnp.sum(jnp.sin(jax_rnn.unroll(cell, p, xs, impl=impl)[1].state))
 
     per = jax.vmap(jax.grad(loss), in_axes=(0, None))
-    assert "target_name=jax_rnn_elman_grads" in str(jax.make_jaxpr(jax.grad(loss),
-                                                                   static_argnums=1)(
-        params, "fused"))
+    one = str(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(params, "fused"))
+    vmapped = str(jax.make_jaxpr(per, static_argnums=1)(per_example, "fused"))
+    assert "target_name=jax_rnn_elman_grads" in one
+    assert "target_name=jax_rnn_elman_grads" not in vmapped
+    assert vmapped.count("target_name=jax_rnn_elman_backward") == (1 if chunk is None else 2)
     v = jax.tree.map(jnp.ones_like, params)
 
     def hvp(p, impl):

@@ -1,4 +1,5 @@
-// The Elman cell's two sequential loops on CPUs, as XLA FFI custom calls.
+// The Elman cell's two sequential loops on CPUs, as XLA FFI custom calls, and the backward
+// loop with the weight gradients (ElmanGrads, below).
 //
 // jax_rnn/_kernels.py calls these for a float32 Elman cell with tanh or ReLU (see its
 // docstring for when). Each call runs a whole loop over time:
@@ -213,7 +214,8 @@ ffi::Error ElmanGradsImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
                      CheckShape(name, "h0", h0.dimensions(), {batch, hidden}),
                      CheckShape(name, "d_w_in", d_w_in->dimensions(), {inputs, hidden}),
                      CheckShape(name, "d_b", d_b->dimensions(), {hidden}),
-                     CheckShape(name, "d_w", d_w->dimensions(), {hidden, hidden})}) {
+                     CheckShape(name, "d_w", d_w->dimensions(), {hidden, hidden}),
+                     CheckShape(name, "d_h0", d_h0->dimensions(), {batch, hidden})}) {
     if (error.failure()) return error;
   }
   (void)huge_pages;  // the results are small: nothing to prepare
