@@ -670,6 +670,26 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
     return final, tape.pre, tape.state
 
 
+_XLA_NATIVE_LOOP_BYTES = 1024
+"""A sequence of one batch row whose weights (``w_in`` and ``w``) take at most this many
+bytes runs XLA's loop on CPUs, not a C++ kernel: XLA compiles such a loop into one native
+kernel itself (its small-while-loop pass, ``xla_cpu_small_while_loop_byte_threshold``,
+1 kB by default; the compiled loop is then a call marked ``xla_cpu_small_call``), and the
+custom call costs more than it saves. Measured forward-only on 2 cores (docs/performance.md,
+"The bars from issue #4"): at B=1, H=2 XLA's loop took 4-17% less time than the kernels
+for T=5 to 80 (Elman ReLU and LSTM), at B=1, H=8 the ReLU cell's was level (288 bytes of
+weights, compiled natively) and the LSTM's 1.5x slower (1152 bytes, not); with 8 rows
+XLA compiled none of these loops natively and the kernels were 1.1-3.2x faster. The tests
+check XLA's decision at the sizes on both sides."""
+
+
+def _xla_loop_is_native(xs: Array, w: Array, w_in: Array) -> bool:
+    """Whether XLA's CPU compiler runs this sequence's loop as one native kernel (see
+    ``_XLA_NATIVE_LOOP_BYTES``)."""
+    rows = math.prod(xs.shape[1:-1])
+    return rows == 1 and (w.size + w_in.size) * w.dtype.itemsize <= _XLA_NATIVE_LOOP_BYTES
+
+
 def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, ...],
             others: tuple[Array | None, ...] = (), differentiated: bool = True,
             ) -> Loops | None:
@@ -685,6 +705,8 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, .
         return None
     where = _kernels.mode()
     if where == "off" or (not fc.kernel.gpu and where != "cpu"):
+        return None
+    if where == "cpu" and others and _xla_loop_is_native(xs, w, others[0]):
         return None
     carry = jax.tree.leaves(carry0)
     batch = xs.shape[1:-1]  # () or (B,)

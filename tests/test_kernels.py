@@ -55,6 +55,8 @@ def native(monkeypatch):
     if jax.default_backend() != "cpu":
         pytest.fail("the C++ kernel tests run where JAX's default backend is a CPU")
     monkeypatch.setattr(_kernels, "MODE", "auto")
+    # At every size: also where XLA would compile the loop natively (its own test below).
+    monkeypatch.setattr(_fused, "_XLA_NATIVE_LOOP_BYTES", -1)
     assert _native.available(), f"the CPU kernels did not compile: {_native.unavailable_reason()}"
     jax.clear_caches()
     yield
@@ -317,6 +319,7 @@ def test_cpu_kernel_values_and_gradients(relu, steps, batch, inputs, hidden, sca
     assert jax.default_backend() == "cpu", "the C++ kernel tests run on a CPU backend"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_kernels, "MODE", "auto")
+        mp.setattr(_fused, "_XLA_NATIVE_LOOP_BYTES", -1)  # the kernels at every size
         jax.clear_caches()
         try:
             _check(relu, steps, batch, inputs, hidden, scale, reverse, seed)
@@ -432,6 +435,49 @@ def test_cpu_grads_kernel_under_vmap_and_second_order(native, monkeypatch, chunk
         for a, b in zip(jax.tree.leaves(fn(p, "fused")), jax.tree.leaves(fn(p, "scan")),
                         strict=True):
             np.testing.assert_allclose(a, b, rtol=tol, atol=tol * max(1.0, float(abs(b).max())))
+
+
+@pytest.mark.parametrize(("name", "batch", "inputs", "hidden", "native_loop"), [
+    ("elman_relu", None, 1, 2, True),  # the notebook's size: 24 bytes of weights
+    ("lstm", 1, 1, 2, True),  # 96 bytes
+    ("elman", 1, 1, 8, True),  # 288 bytes
+    ("lstm", 1, 1, 8, False),  # 1152 bytes
+    ("gru", 1, 4, 16, False),  # 3840 bytes
+    ("elman", 8, 1, 2, False),  # 8 rows
+])
+def test_cpu_kernels_left_out_where_xla_compiles_the_loop(monkeypatch, name, batch, inputs,
+                                                          hidden, native_loop):
+    """One batch row and at most _XLA_NATIVE_LOOP_BYTES of weights: XLA compiles the loop
+    into one native kernel itself (a call marked xla_cpu_small_call, with the kernels off),
+    and jax_rnn leaves its C++ kernels out there (forward and gradient); elsewhere XLA runs
+    the loop op by op and the kernels run. Values against impl="scan"."""
+    monkeypatch.setattr(_kernels, "MODE", "off")
+    jax.clear_caches()
+    cell = getattr(jax_rnn, name)
+    params = cell.init(jax.random.key(5), inputs, hidden, dtype=np.float32)
+    rows = () if batch is None else (batch,)
+    xs = np.random.default_rng(5).normal(size=(20, *rows, inputs)).astype(np.float32)
+
+    def run(p, x):
+        return jax_rnn.unroll(cell, p, x)[1].state
+
+    xla = jax.jit(run).lower(params, xs).compile().as_text()
+    assert ("xla_cpu_small_call" in xla) == native_loop
+    monkeypatch.setattr(_kernels, "MODE", "auto")
+    jax.clear_caches()
+    try:
+        grad = jax.grad(lambda p, impl: jnp.sum(jnp.sin(
+            jax_rnn.unroll(cell, p, xs, impl=impl)[1].state)))
+        assert _kernel_calls(run, params, xs) == (0 if native_loop else 1)
+        assert _kernel_calls(lambda p: grad(p, "fused"), params) == (0 if native_loop else 2)
+        np.testing.assert_allclose(run(params, xs),
+                                   jax_rnn.unroll(cell, params, xs, impl="scan")[1].state,
+                                   rtol=2e-5, atol=2e-5)
+        for a, b in zip(jax.tree.leaves(grad(params, "fused")),
+                        jax.tree.leaves(grad(params, "scan")), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5 * max(1.0, np.abs(b).max()))
+    finally:
+        jax.clear_caches()
 
 
 def test_cpu_kernel_thread_count(native):
