@@ -706,7 +706,8 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, .
     where = _kernels.mode()
     if where == "off" or (not fc.kernel.gpu and where != "cpu"):
         return None
-    if where == "cpu" and others and _xla_loop_is_native(xs, w, others[0]):
+    w_in = others[0] if others else None
+    if where == "cpu" and w_in is not None and _xla_loop_is_native(xs, w, w_in):
         return None
     carry = jax.tree.leaves(carry0)
     batch = xs.shape[1:-1]  # () or (B,)
