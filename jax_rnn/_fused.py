@@ -660,7 +660,7 @@ def fused_recurrence(fc: FusedCell, reverse: bool, unroll: int | bool, compact: 
     pass hoists the input projection and the backward pass is fused (module docstring).
     """
     kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in, b),
-                     differentiated=False)
+                     differentiated=False, one_sequence=compact)
     if kernel is not None:
         final, tape = kernel.forward(False, reverse, w_in, b_in, w, b, xs, carry0)
     else:
@@ -679,8 +679,10 @@ custom call costs more than it saves. Measured forward-only on 2 cores (docs/per
 "The bars from issue #4"): at B=1, H=2 XLA's loop took 4-17% less time than the kernels
 for T=5 to 80 (Elman ReLU and LSTM), at B=1, H=8 the ReLU cell's was level (288 bytes of
 weights, compiled natively) and the LSTM's 1.5x slower (1152 bytes, not); with 8 rows
-XLA compiled none of these loops natively and the kernels were 1.1-3.2x faster. The tests
-check XLA's decision at the sizes on both sides."""
+XLA compiled none of these loops natively and the kernels were 1.1-3.2x faster; at the
+notebook's size forward+backward was no slower either (bench runs). The tests check XLA's
+decision at the sizes on both sides. Under a :func:`jax.vmap` around ``unroll`` the loop
+has a row per element, and the kernels run."""
 
 
 def _xla_loop_is_native(xs: Array, w: Array, w_in: Array) -> bool:
@@ -692,13 +694,15 @@ def _xla_loop_is_native(xs: Array, w: Array, w_in: Array) -> bool:
 
 def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, ...],
             others: tuple[Array | None, ...] = (), differentiated: bool = True,
-            ) -> Loops | None:
+            one_sequence: bool = True) -> Loops | None:
     """``fc.kernel`` (:mod:`jax_rnn._kernels`) where ``fc``'s loops run as one kernel
     each: an Elman cell with tanh or relu (CPUs and NVIDIA GPUs), a GRU, or an LSTM of at
     most ``Loops.max_hidden`` hidden units (CPUs), float32, one batch axis or none, a
     shape that ``_kernels.fits`` (on GPUs at most ``_kernels.MAX_HIDDEN`` hidden units),
     at least one step and no masked, reset or cut steps, and on CPUs not a loop that XLA
-    compiles natively (``_XLA_NATIVE_LOOP_BYTES``); else ``None``. ``others`` (the input
+    compiles natively (``_XLA_NATIVE_LOOP_BYTES``; ``one_sequence=False``: the call is
+    batched by a :func:`jax.vmap` around it, so XLA's loop is not one row's); else
+    ``None``. ``others`` (the input
     weights first, then the biases) must be float32 too. A call that is not
     ``differentiated`` takes the forward kernel at any hidden size (``Loops.max_hidden``)."""
     if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim not in (2, 3)
@@ -708,7 +712,8 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, .
     if where == "off" or (not fc.kernel.gpu and where != "cpu"):
         return None
     w_in = others[0] if others else None
-    if where == "cpu" and w_in is not None and _xla_loop_is_native(xs, w, w_in):
+    if (where == "cpu" and one_sequence and w_in is not None
+            and _xla_loop_is_native(xs, w, w_in)):
         return None
     carry = jax.tree.leaves(carry0)
     batch = xs.shape[1:-1]  # () or (B,)
@@ -740,7 +745,8 @@ def _fused_fwd(fc, reverse, unroll, compact, *args):  # noqa: ANN001
         jax.custom_derivatives.custom_vjp_primal_tree_values(args))
     # Whether the gradient of the inputs is wanted, as a residual: () where it is not.
     xs_fixed = None if args[4].perturbed else ()
-    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in, b))
+    kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in, b),
+                     one_sequence=compact)
     compact_forward = (_compact(fc, xs, carry0, (valid, resets, cut))
                        if compact and kernel is None else None)
     if compact_forward is not None:

@@ -470,6 +470,9 @@ def test_cpu_kernels_left_out_where_xla_compiles_the_loop(monkeypatch, name, bat
             jax_rnn.unroll(cell, p, xs, impl=impl)[1].state)))
         assert _kernel_calls(run, params, xs) == (0 if native_loop else 1)
         assert _kernel_calls(lambda p: grad(p, "fused"), params) == (0 if native_loop else 2)
+        # A vmap over 8 such sequences: XLA's loop has 8 rows, and the kernel runs, folded.
+        many = np.stack([xs] * 8)
+        assert _kernel_calls(jax.vmap(run, in_axes=(None, 0)), params, many) == 1
         np.testing.assert_allclose(run(params, xs),
                                    jax_rnn.unroll(cell, params, xs, impl="scan")[1].state,
                                    rtol=2e-5, atol=2e-5)
