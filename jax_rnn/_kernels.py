@@ -318,9 +318,15 @@ def _forward_native(code: int, reverse: bool, xs: Array, w_in: Array, b: Array |
     bias = jnp.zeros(w.shape[-1:], w.dtype) if b is None else b
     (h,) = _as_batch(_native.forward(code, reverse), *_native.FORWARD_KINDS)(xs, w_in, bias,
                                                                              w, h0)
-    stacked = jnp.concatenate([w_in, w])
-    return project(jnp.concatenate([xs, _inputs_states(h, h0, reverse)], axis=-1), stacked,
-                   b), h
+    return _pre_from_states(reverse, xs, h, h0, w_in, w, b), h
+
+
+def _pre_from_states(reverse: bool, xs: Array, h: Array, h0: Array, w_in: Array, w: Array,
+                     b: Array | None) -> Array:
+    """The pre-activations ``[x_t, h_{t-1}] @ [w_in; w] + b`` of every step, from the
+    states a kernel wrote (one XLA product, which XLA drops where they are unused)."""
+    return project(jnp.concatenate([xs, _inputs_states(h, h0, reverse)], axis=-1),
+                   jnp.concatenate([w_in, w]), b)
 
 
 def _inputs_states(h: Array, h0: Array, reverse: bool) -> Array:
@@ -359,8 +365,8 @@ def backward(kernel: Kernel, reverse: bool, h: Array, d_state: Array | None,
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def backward_grads(kernel: Kernel, reverse: bool,
-                   unfused: Callable[..., tuple[Array, ...]] | None, h: Array,
+def backward_grads(kernel: Kernel, reverse: bool, unfused: Callable[..., tuple[Array, ...]],
+                   h: Array,
                    d_state: Array | None, d_pre: Array | None, w_t: Array, d_final: Array,
                    xs: Array, h0: Array) -> tuple[Array, Array, Array, Array]:
     """``(d_w_in, d_b, d_w, d_h0)``: :func:`backward` and the weight gradients from its
@@ -371,8 +377,7 @@ def backward_grads(kernel: Kernel, reverse: bool,
     (:func:`_native.grads`); elsewhere :func:`backward` and XLA's contractions. ``d_g``
     is not returned: for inputs that are not differentiated. ``unfused``: the same
     function of the same arguments (zero cotangents as arrays of no steps), vmapped in
-    the kernel's place under :func:`jax.vmap` (the fused path's chunked backward pass);
-    ``None`` for :func:`backward`'s kernel and XLA's contractions over all steps."""
+    the kernel's place under :func:`jax.vmap` (the fused path's chunked backward pass)."""
     code = ACTIVATIONS.index(kernel[0])
     gpu = functools.partial(_grads_after, functools.partial(backward, kernel, reverse), reverse)
     return _dispatch(gpu, functools.partial(_grads_native, code, reverse, unfused),
@@ -396,14 +401,11 @@ def _grads_scan(kernel: Kernel, reverse: bool, unfused: Any, *args: Any) -> tupl
     return _grads_after(functools.partial(_backward_scan, kernel, reverse), reverse, *args)
 
 
-def _grads_native(code: int, reverse: bool, unfused: Callable[..., tuple[Array, ...]] | None,
+def _grads_native(code: int, reverse: bool, unfused: Callable[..., tuple[Array, ...]],
                   h: Array, d_state: Array | None, d_pre: Array | None,
                   *rest: Array) -> tuple[Array, ...]:
     """The C++ kernel; under :func:`jax.vmap`, ``unfused`` (each vmapped element has
-    weight gradients of its own), by default the backward kernel and XLA's contractions."""
-    if unfused is None:
-        unfused = functools.partial(
-            _grads_after, functools.partial(_backward_native, code, reverse), reverse)
+    weight gradients of its own)."""
     return _as_batch(_native.grads(code, reverse, unfused), *_native.GRADS_KINDS)(
         h, *_no_steps(h, d_state, d_pre), *rest)
 
@@ -488,10 +490,9 @@ def _lstm_forward_native(tape: bool, reverse: bool, xs: Array, w_in: Array, b: A
     bias = jnp.zeros(w.shape[-1:], w.dtype) if b is None else b
     h, g, *rest = _as_batch(_native.lstm_forward(tape, reverse), *_native.LSTM_FORWARD_KINDS)(
         xs, w_in, bias, w, h0, c0)
-    if not tape:  # no g from the kernel: from the states, one product XLA drops if unused
+    if not tape:  # no g from the kernel: the gate's columns of the pre-activations
         cols = slice(2 * w.shape[0], 3 * w.shape[0])
-        g = project(jnp.concatenate([xs, _inputs_states(h, h0, reverse)], axis=-1),
-                    jnp.concatenate([w_in, w])[:, cols], bias[cols])
+        g = _pre_from_states(reverse, xs, h, h0, w_in[:, cols], w[:, cols], bias[cols])
     return (h, g, *rest)
 
 

@@ -394,7 +394,8 @@ def test_cpu_grads_kernel_against_a_numpy_loop(native, steps, batch, inputs, hid
         activation = _kernels.ACTIVATIONS[relu]
         kernel = activation, dict(_fused._BACK_FROM_OUTPUT)[activation]
         args = (h, d_state, d_pre, w_t, d_final, xs, h0)
-        fn = functools.partial(_kernels.backward_grads, kernel, reverse, None)
+        unfused = functools.partial(_kernels._grads_scan, kernel, reverse, None)  # vmap only
+        fn = functools.partial(_kernels.backward_grads, kernel, reverse, unfused)
         assert "target_name=jax_rnn_elman_grads" in str(jax.make_jaxpr(fn)(*args))
         got = jax.jit(fn)(*args)
         want = _numpy_grads(relu, reverse, *args)
