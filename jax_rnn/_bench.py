@@ -54,7 +54,7 @@ CONFIGS = {
 DEFAULT_CONFIGS = ("notebook", "t1000_b32", "t1000_b1", "t200_b64", "t10000_b8")
 CELL_NAMES = ("elman", "elman_relu", "gru", "lstm")
 CELL_LABELS = {"elman": "Elman tanh", "elman_relu": "Elman ReLU", "gru": "GRU", "lstm": "LSTM"}
-PEER_NAMES = ("numpy", "scan", "sharded", "flax", "haiku", "equinox", "torch")
+PEER_NAMES = ("numpy", "scan", "sharded", "raveled", "flax", "haiku", "equinox", "torch")
 MODES = ("forward", "fwd_bwd")
 # The issue's bars: (config, what, threshold).
 BARS = (
@@ -63,8 +63,24 @@ BARS = (
     ("t200_b64", "fwd_bwd_matmul_fraction", 0.85),
     ("*", "forward_vs_fastest_peer", 1.0),
 )
+# jax_rnn's own rows reported beside the bars, each with its time and its ratio against
+# the same fastest like peer, not counted in them: {peer name: (section title, what it is)}.
+BESIDE = {
+    "sharded": ("jax_rnn with the batch over {devices} devices",
+                "The default path with the batch split over every device by "
+                "`jax_rnn.distributed` (on a CPU: `--cpu-devices`)."),
+    "raveled": ("jax_rnn with its parameters in one array",
+                "The default path on the parameters raveled into one flat array "
+                "(`jax.flatten_util.ravel_pytree`, unravelled inside `jit`): one array "
+                "argument per call, where JAX's dispatch costs about as much per array as "
+                "the loop's steps (docs/performance.md). Run only where a call's "
+                "forward+backward work is at most 1 MFLOP (`RAVELED_MAX_FLOPS`)."),
+}
+# The "raveled" row runs at sizes whose forward+backward FLOPs are at most this: where a
+# call's time is JAX's dispatch (the notebook's 720 FLOPs: about 10 us a call).
+RAVELED_MAX_FLOPS = 1e6
 # Rows that count as peers for the ratios: other libraries and the numpy loop, not
-# jax_rnn's own alternative paths (impl="scan"; "sharded", the batch over several devices).
+# jax_rnn's own alternative paths (impl="scan"; BESIDE's rows).
 EXTERNAL = ("numpy", "flax", "flax.optimized", "haiku", "equinox", "torch")
 # The issue's bars compare "like with like": tanh Elman against Flax SimpleCell and
 # PyTorch nn.RNN(tanh); ReLU Elman against Haiku VanillaRNN (here also Flax and PyTorch
@@ -107,7 +123,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="what to time besides jax_rnn's default path, or 'all' (the default): "
         f"{', '.join(PEER_NAMES)} ('scan' is jax_rnn.unroll(impl='scan'), plain autodiff "
         "through lax.scan; 'sharded' is the default path with the batch split over every "
-        "device, see --cpu-devices); a peer that cannot be imported is skipped")
+        "device, see --cpu-devices; 'raveled' is the default path on the parameters in one "
+        "flat array, at sizes of at most 1 MFLOP forward+backward); a peer that cannot be "
+        "imported is skipped")
     parser.add_argument(
         "--cpu-devices", type=int, default=None, metavar="N",
         help="start JAX's CPU backend with N devices (jax_num_cpu_devices) for the "
@@ -148,16 +166,26 @@ def _warm_up(call: Callable[[], Any], target: float = 0.02) -> tuple[float, int,
 
     Returns ``(first_call_s, calls_per_sample, first_result)``. Calls shorter than
     ``target`` are averaged in groups so that timer and loop overhead stay negligible.
+    The group size comes from the fastest of up to three warm calls (fewer where they
+    take over ``5 * target`` together): one stalled call must not leave a 20 us call sampled
+    one call at a time, where each sample is then a cold call (seen: the LSTM's
+    forward+backward at the notebook size, 94-390 us a sample against about 20 us in
+    groups).
     """
     t0 = time.perf_counter()
     result = call()
     first = time.perf_counter() - t0
     inner = 1
-    if first < 0.5:  # calibrate on a second, warm call; too costly for slow calls
-        t0 = time.perf_counter()
-        call()
-        second = time.perf_counter() - t0
-        inner = max(1, min(10_000, int(target / max(second, 1e-7))))
+    if first < 0.5:  # calibrate on warm calls; too costly for slow calls
+        fastest, spent = float("inf"), 0.0
+        for _ in range(3):
+            t0 = time.perf_counter()
+            call()
+            took = time.perf_counter() - t0
+            fastest, spent = min(fastest, took), spent + took
+            if spent > 5 * target:
+                break
+        inner = max(1, min(10_000, int(target / max(fastest, 1e-7))))
     return first, inner, result
 
 
@@ -438,13 +466,15 @@ class _Progress:
             print(text, flush=True)
 
 
-def _runners_for(cell: str, params: Any, xs: Any, peers: list[str], has_impl: bool,
-                 notes: list[str]) -> list[Any]:
+def _runners_for(c: Config, cell: str, params: Any, xs: Any, peers: list[str],
+                 has_impl: bool, notes: list[str]) -> list[Any]:
     from . import _bench_peers as bp
 
     runners = [bp.jax_rnn_runner(cell, params, xs, None, has_impl)]
     if "scan" in peers:
         runners.append(bp.jax_rnn_runner(cell, params, xs, "scan", has_impl))
+    if "raveled" in peers and _flops_fwd_bwd(c, cell) <= RAVELED_MAX_FLOPS:
+        runners.append(bp.jax_rnn_raveled_runner(cell, params, xs))
     if "sharded" in peers:
         devices = _device_count()
         if xs.shape[1] % devices:
@@ -490,7 +520,7 @@ def _bench_cell(c: Config, cell: str, dtype: str, seed: int, peers: list[str], h
     xs = rng.standard_normal((c.T, c.B, c.I)).astype(dtype)
     params = bp.init_params(cell, seed, c.I, c.H, dtype)
     notes: list[str] = []
-    runners = _runners_for(cell, params, xs, peers, has_impl, notes)
+    runners = _runners_for(c, cell, params, xs, peers, has_impl, notes)
     progress.add((len(runners) + 1) * len(MODES))
     matmul_call = _matmul_call(matmul_n, dtype)
     _, matmul_inner, _ = _warm_up(matmul_call)
@@ -524,8 +554,9 @@ def _bench_cell(c: Config, cell: str, dtype: str, seed: int, peers: list[str], h
                         verdict = "not equivalent" if not r.equivalent else "MISMATCH"
                         progress.log(f"[{c.name} {cell}] {r.label}: forward max|diff| "
                                      f"{diff:.3g} vs jax_rnn ({verdict})")
-                elif r.impl in ("jax_rnn", "jax_rnn.scan", "jax_rnn.sharded", "numpy"):
-                    grads = bp.grads_as_dict(result[1])
+                elif r.impl in ("jax_rnn", "jax_rnn.scan", "numpy",
+                                *(f"jax_rnn.{name}" for name in BESIDE)):
+                    grads = bp.grads_as_dict(r.unravel(result[1]))
                     ref_grads = grads if ref_grads is None else ref_grads
                     row["check"]["grad_max_abs_diff"] = max(
                         _max_abs(g, ref_grads[k]) for k, g in grads.items())
@@ -573,9 +604,6 @@ def _summarize(results: list[dict], configs: list[Config], cells: list[str],
                 best = _fastest(mode, [r for r in timed if r["impl"] in LIKE_PEERS[cell]])
                 best_row = _fastest(mode, timed)
                 scan = next((r for r in rows if r["impl"] == "jax_rnn.scan" and mode in r), None)
-                sharded = next((r for r in rows if r["impl"] == "jax_rnn.sharded" and mode in r
-                                and r.get("check", {}).get("agrees")), None)
-                sharded_s = sharded[mode]["median_s"] if sharded else None
                 entry[mode] = {
                     "jax_rnn_s": t,
                     "fastest_peer": best["impl"] if best else None,
@@ -585,13 +613,15 @@ def _summarize(results: list[dict], configs: list[Config], cells: list[str],
                     "ratio_vs_fastest_row": (best_row[mode]["median_s"] / t if best_row
                                              else None),
                     "ratio_vs_scan": scan[mode]["median_s"] / t if scan else None,
-                    # The batch over several devices: its own time and ratio against the
-                    # same fastest like peer (reported beside the bars, not counted in them).
-                    "sharded_s": sharded_s,
-                    "sharded_ratio_vs_fastest_peer": (best[mode]["median_s"] / sharded_s
-                                                      if best and sharded_s else None),
                     "ratios": {r["impl"]: r[mode]["median_s"] / t for r in rows if mode in r},
                 }
+                for name in BESIDE:  # each with its own time and ratio, "sharded_s", ...
+                    row = next((r for r in rows if r["impl"] == f"jax_rnn.{name}"
+                                and mode in r and r.get("check", {}).get("agrees")), None)
+                    row_s = row[mode]["median_s"] if row else None
+                    entry[mode][f"{name}_s"] = row_s
+                    entry[mode][f"{name}_ratio_vs_fastest_peer"] = (
+                        best[mode]["median_s"] / row_s if best and row_s else None)
             flops = _flops_fwd_bwd(c, cell)
             achieved = flops / ours["fwd_bwd"]["median_s"]
             entry["fwd_bwd_flops"] = flops
@@ -715,23 +745,23 @@ def _markdown(doc: dict) -> str:
             f"| {_vs_row(f)} / {_vs_row(b)} | {_ratio(b['ratio_vs_scan'])} "
             f"| {s['fwd_bwd_flops_per_s'] / 1e9:.2f} | {_gflops(s['matmul'])} "
             f"| {_pct(s['fwd_bwd_matmul_fraction'])} |")
-    sharded = [s for s in doc["summary"] if s["fwd_bwd"].get("sharded_s")
-               or s["forward"].get("sharded_s")]
-    if sharded:
-        devices = doc["machine"].get("jax_device_count", "?")
-        lines += ["", f"## jax_rnn with the batch over {devices} devices (row `jax_rnn.sharded`)",
-                  "", "The default path with the batch split over every device by "
-                  "`jax_rnn.distributed` (on a CPU: `--cpu-devices`); ratio = the fastest like "
-                  "peer's time (one device) / this row's. Reported beside the bars, not "
-                  "counted in them.", "",
+    for name, (title, what) in BESIDE.items():
+        beside = [s for s in doc["summary"] if s["fwd_bwd"].get(f"{name}_s")
+                  or s["forward"].get(f"{name}_s")]
+        if not beside:
+            continue
+        title = title.format(devices=doc["machine"].get("jax_device_count", "?"))
+        lines += ["", f"## {title} (row `jax_rnn.{name}`)", "",
+                  f"{what} Ratio = the fastest like peer's time / this row's. Reported "
+                  "beside the bars, not counted in them.", "",
                   "| config | cell | fwd | ratio | fwd+bwd | ratio |",
                   "|---|---|---:|---:|---:|---:|"]
-        for s in sharded:
+        for s in beside:
             f, b = s["forward"], s["fwd_bwd"]
-            lines.append(f"| {s['config']} | {CELL_LABELS[s['cell']]} | {_ms(f['sharded_s'])} "
-                         f"| {_ratio(f['sharded_ratio_vs_fastest_peer'])} "
-                         f"| {_ms(b['sharded_s'])} "
-                         f"| {_ratio(b['sharded_ratio_vs_fastest_peer'])} |")
+            lines.append(f"| {s['config']} | {CELL_LABELS[s['cell']]} | {_ms(f[f'{name}_s'])} "
+                         f"| {_ratio(f[f'{name}_ratio_vs_fastest_peer'])} "
+                         f"| {_ms(b[f'{name}_s'])} "
+                         f"| {_ratio(b[f'{name}_ratio_vs_fastest_peer'])} |")
     if doc["bars"]:
         lines += ["", "## The issue's bars", "", "| config | cell | bar | threshold | value | "
                   "passes | vs all rows (incl. numpy) |", "|---|---|---|---:|---:|---|---:|"]
@@ -845,13 +875,15 @@ def _print_ratios(doc: dict, log: Callable[[str], None]) -> None:
             f"{b['fastest_peer'] or '-'} {_ratio(b['ratio_vs_fastest_peer'])}x, "
             f"impl=scan {_ratio(b['ratio_vs_scan'])}x | "
             f"{_pct(s['fwd_bwd_matmul_fraction'])} of matmul FLOP/s")
-    for s in doc["summary"]:
-        f, b = s["forward"], s["fwd_bwd"]
-        if f.get("sharded_s") or b.get("sharded_s"):
-            log(f"  {s['config']:<10} {CELL_LABELS[s['cell']]:<10} batch over "
-                f"{doc['machine'].get('jax_device_count')} devices: fwd {_ms(f['sharded_s'])} ms "
-                f"({_ratio(f['sharded_ratio_vs_fastest_peer'])}x) | fwd+bwd "
-                f"{_ms(b['sharded_s'])} ms ({_ratio(b['sharded_ratio_vs_fastest_peer'])}x)")
+    for name, (title, _) in BESIDE.items():
+        title = title.format(devices=doc["machine"].get("jax_device_count"))
+        for s in doc["summary"]:
+            f, b = s["forward"], s["fwd_bwd"]
+            if f.get(f"{name}_s") or b.get(f"{name}_s"):
+                log(f"  {s['config']:<10} {CELL_LABELS[s['cell']]:<10} {title}: fwd "
+                    f"{_ms(f[f'{name}_s'])} ms "
+                    f"({_ratio(f[f'{name}_ratio_vs_fastest_peer'])}x) | fwd+bwd "
+                    f"{_ms(b[f'{name}_s'])} ms ({_ratio(b[f'{name}_ratio_vs_fastest_peer'])}x)")
     for b in doc["bars"]:
         if b["passes"] is False:
             log(f"  bar not met: {b['config']} {b['cell']} {b['bar']} = {b['value']:.3f} "

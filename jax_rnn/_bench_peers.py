@@ -49,6 +49,8 @@ class Runner:
         fwd_bwd: runs forward and backward once; returns ``(loss, grads)``.
         memory: ``memory(mode)`` after ``mode`` ran: ``(bytes, kind)`` or ``(None, why)``.
         jit: whether the first call compiles (JAX) and ``compile_s`` applies.
+        unravel: maps ``fwd_bwd``'s gradients to the cell's parameters (a raveled row's
+            one flat gradient); the identity for every other row.
     """
 
     impl: str
@@ -60,6 +62,7 @@ class Runner:
     fwd_bwd: Callable[[], Any]
     memory: Callable[[str], tuple[int | None, str]]
     jit: bool
+    unravel: Callable[[Any], Any] = lambda grads: grads
 
 
 # ----------------------------------------------------------------------------- JAX
@@ -169,6 +172,37 @@ def jax_rnn_sharded_runner(cell_name: str, params: Any, xs: Any) -> Runner:
             "(shard_batch, replicate); not one of the issue's like-for-like rows")
     return _jax_runner("jax_rnn.sharded", label, note, True, forward, p,
                        distributed.shard_batch(xs, mesh))
+
+
+def jax_rnn_raveled_runner(cell_name: str, params: Any, xs: Any) -> Runner:
+    """jax_rnn's default path on the parameters raveled into one flat array by
+    :func:`jax.flatten_util.ravel_pytree`, unravelled inside the jitted function.
+
+    A jitted call pays JAX's dispatch per array argument (about 0.3-0.4 us each on this
+    project's 2-core CPU machine, docs/performance.md). Where a call takes about 10 us
+    (the notebook's size) that decides the race: jax_rnn's LSTM, in PyTorch's layout, is
+    four arrays where Haiku's is two. This row shows the same computation with one array
+    of parameters; it is reported beside the bars, not counted in them.
+    """
+    import jax
+    import jax.numpy as jnp
+    from jax.flatten_util import ravel_pytree
+
+    import jax_rnn
+
+    cell = _cell(cell_name)
+    flat, unravel = ravel_pytree(jax.tree.map(jnp.asarray, params))
+
+    def forward(f: Any, x: Any) -> Any:
+        return jax_rnn.unroll(cell, unravel(f), x)[1].output
+
+    note = ("the default path with the parameters in one flat array (jax.flatten_util."
+            "ravel_pytree), unravelled inside jit: one array argument per call; not one of "
+            "the issue's like-for-like rows")
+    runner = _jax_runner("jax_rnn.raveled", "jax_rnn.unroll, parameters raveled into one "
+                         "array", note, True, forward, flat, jnp.asarray(xs))
+    runner.unravel = unravel
+    return runner
 
 
 def _cell(cell_name: str) -> Any:

@@ -125,14 +125,16 @@ def test_bars_compare_like_with_like_and_report_the_numpy_loop_beside():
     assert bars[("gru", "forward_vs_fastest_peer")]["passes"] is True  # 66 / 60
 
 
-def test_sharded_row_is_reported_beside_the_bars_not_in_them():
-    """The batch over several devices gets its own ratio against the same like peer; the
-    bars and the fastest peer stay jax_rnn's one-device row's."""
+@pytest.mark.parametrize("name", ["sharded", "raveled"])
+def test_beside_rows_are_reported_beside_the_bars_not_in_them(name):
+    """The batch over several devices (and the parameters in one array) gets its own
+    ratio against the same like peer; the bars and the fastest peer stay jax_rnn's
+    default row's, and the other beside-row's fields are empty."""
     from jax_rnn import _bench
 
     results = [
         _timed("t1000_b32", "elman", "jax_rnn", 25.0, 70.0),
-        _timed("t1000_b32", "elman", "jax_rnn.sharded", 12.5, 40.0),
+        _timed("t1000_b32", "elman", f"jax_rnn.{name}", 12.5, 40.0),
         _timed("t1000_b32", "elman", "flax", 25.5, 98.0),
     ]
     (entry,) = _bench._summarize(results, [_bench.CONFIGS["t1000_b32"]], ["elman"],
@@ -140,11 +142,39 @@ def test_sharded_row_is_reported_beside_the_bars_not_in_them():
     fb = entry["fwd_bwd"]
     assert fb["fastest_peer"] == "flax" and fb["fastest_row"] == "flax"
     assert fb["ratio_vs_fastest_peer"] == pytest.approx(98.0 / 70.0)
-    assert fb["sharded_s"] == pytest.approx(0.040)
-    assert fb["sharded_ratio_vs_fastest_peer"] == pytest.approx(98.0 / 40.0)
-    assert entry["forward"]["sharded_ratio_vs_fastest_peer"] == pytest.approx(25.5 / 12.5)
+    assert fb[f"{name}_s"] == pytest.approx(0.040)
+    assert fb[f"{name}_ratio_vs_fastest_peer"] == pytest.approx(98.0 / 40.0)
+    assert entry["forward"][f"{name}_ratio_vs_fastest_peer"] == pytest.approx(25.5 / 12.5)
+    (other,) = set(_bench.BESIDE) - {name}
+    assert fb[f"{other}_s"] is None and fb[f"{other}_ratio_vs_fastest_peer"] is None
     bars = {b["bar"]: b for b in _bench._bars([entry])}
     assert bars["fwd_bwd_vs_fastest_peer"]["value"] == pytest.approx(98.0 / 70.0)
+
+
+def test_raveled_row_computes_jax_rnns_numbers_where_dispatch_dominates(tmp_path, capsys):
+    """``--peers raveled``: the parameters in one flat array give jax_rnn's outputs and
+    (unravelled) gradients in float64, with a section of their own; the row runs only at
+    sizes of at most ``RAVELED_MAX_FLOPS`` (the quick size, not T=1000)."""
+    from jax_rnn import _bench
+
+    argv = ["bench", "--quick", "--peers", "raveled", "--cells", "gru", "lstm", "--repeats",
+            "1", "--budget", "0.01", "--matmul-size", "32", "--no-plot", "--dtype", "float64",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0  # (the suite runs with x64 on: conftest.py)
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = [r for r in doc["results"] if r["impl"] == "jax_rnn.raveled"]
+    assert {r["cell"] for r in rows} == {"gru", "lstm"}
+    for r in rows:
+        assert r["check"]["max_abs_diff"] < 1e-12 and r["check"]["grad_max_abs_diff"] < 1e-12
+    assert all(s["fwd_bwd"]["raveled_s"] > 0 for s in doc["summary"])
+    assert "parameters in one array (row `jax_rnn.raveled`)" in (tmp_path / "bench.md").read_text()
+    assert "parameters in one array: fwd" in capsys.readouterr().out
+    big = _bench.CONFIGS["t1000_b1"]
+    assert _bench._flops_fwd_bwd(big, "elman") > _bench.RAVELED_MAX_FLOPS
+    params = bp.init_params("elman", 0, big.I, big.H, "float32")
+    xs = np.zeros((big.T, big.B, big.I), np.float32)
+    runners = _bench._runners_for(big, "elman", params, xs, ["raveled"], True, [])
+    assert [r.impl for r in runners] == ["jax_rnn"]
 
 
 def test_cpu_devices_needs_a_fresh_process(tmp_path):
@@ -185,6 +215,28 @@ def test_sharded_row_on_two_cpu_devices(tmp_path):
     assert "2 cpu devices" in row["label"]
     assert row["check"]["max_abs_diff"] < 1e-12 and row["check"]["grad_max_abs_diff"] < 1e-12
     assert "batch over 2 devices" in done.stdout
+
+
+def test_warm_up_groups_fast_calls_despite_one_stalled_call():
+    """A fast call whose first warm call stalls (30 ms) is still sampled in groups: the
+    group size comes from the fastest warm call, not from the stalled one. A call that
+    is slow every time is sampled one at a time."""
+    import time
+
+    from jax_rnn._bench import _warm_up
+
+    count = []
+
+    def stalls_once():
+        count.append(None)
+        if len(count) == 2:  # the first warm call
+            time.sleep(0.03)
+        return len(count)
+
+    first, inner, result = _warm_up(stalls_once)
+    assert result == 1 and inner > 100, inner
+    first, inner, _ = _warm_up(lambda: time.sleep(0.03))
+    assert inner == 1 and first >= 0.03
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 6, 7, 8])

@@ -1,0 +1,111 @@
+"""What a tiny jitted call costs besides its arithmetic, on the current backend.
+
+    python benchmarks/dispatch.py [--repeats 15] [--out DIR]
+
+Two measurements, each in interleaved rounds in one process (medians of the rounds):
+
+* ``arguments``: a compiled call whose ``n`` float32 ``(8,)`` array arguments are all used
+  (their sum), for ``n`` = 1 to 8. The slope is JAX's dispatch cost per array argument:
+  at the notebook's size (T=5, B=1, I=1, H=2; about 10 us a call) a cell whose parameters
+  are four arrays (PyTorch's layout, jax_rnn's ``LSTMParams``) pays for two more than one
+  whose parameters are two (Haiku's LSTM).
+* ``lengths``: jax_rnn's default path and ``impl="scan"``, forward+backward at B=1, I=1,
+  H=2 over sequence lengths 5 to 400. XLA's CPU runtime runs a computation's operations
+  one after another only where every buffer is at most 512 bytes (or there are at most 8
+  operations); otherwise it hands them to its thread pool, which costs a fixed amount
+  per call. Where that happens shows as a step in the times.
+
+Writes ``dispatch.json`` to ``--out`` (default: print only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jax_rnn
+
+LENGTHS = (5, 10, 15, 20, 50, 100, 200, 400)
+
+
+def _rounds(calls: dict, repeats: int, inner: int) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, sampled in interleaved rounds."""
+    for call in calls.values():
+        call()
+        call()
+    times: dict[str, list[float]] = {key: [] for key in calls}
+    for _ in range(repeats):
+        for key, call in calls.items():
+            start = time.perf_counter()
+            for _ in range(inner):
+                call()
+            times[key].append((time.perf_counter() - start) / inner)
+    return {key: statistics.median(t) for key, t in times.items()}
+
+
+def _compiled(fn, *args):  # noqa: ANN001, ANN202
+    compiled = jax.jit(fn).lower(*args).compile()
+    return lambda: jax.block_until_ready(compiled(*args))
+
+
+def arguments(repeats: int) -> dict[str, float]:
+    calls = {}
+    for n in range(1, 9):
+        args = [jnp.full((8,), float(k), jnp.float32) for k in range(n)]
+        calls[str(n)] = _compiled(lambda *a: sum(a), *args)
+    return _rounds(calls, repeats, 2000)
+
+
+def lengths(repeats: int, cell_name: str) -> dict[str, float]:
+    cell = getattr(jax_rnn, cell_name)
+    params = cell.init(jax.random.key(0), 1, 2, None, dtype=jnp.float32)
+    calls = {}
+    for t in LENGTHS:
+        xs = jnp.asarray(np.random.default_rng(0).normal(size=(t, 1, 1)), jnp.float32)
+        for impl in ("fused", "scan"):
+            def loss(p, x, impl=impl):  # noqa: ANN001, ANN202
+                return jax_rnn.unroll(cell, p, x, impl=impl)[1].output.sum()
+
+            calls[f"{impl} T={t}"] = _compiled(jax.value_and_grad(loss), params, xs)
+    return _rounds(calls, repeats, 200)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cell", default="gru", choices=("elman", "gru", "lstm"))
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    machine = {"backend": jax.default_backend(), "device": str(jax.devices()[0]),
+               "cores": os.cpu_count(), "load_average": os.getloadavg()}
+    print(f"{machine}")
+    per_n = arguments(args.repeats)
+    print("compiled call with n array arguments (median us):")
+    print("  " + "  ".join(f"n={n}: {s * 1e6:.2f}" for n, s in per_n.items()))
+    slope = np.polyfit([int(n) for n in per_n], list(per_n.values()), 1)[0]
+    print(f"  least-squares slope: {slope * 1e6:.2f} us per array argument")
+    per_t = lengths(args.repeats, args.cell)
+    print(f"{args.cell} forward+backward at B=1, I=1, H=2 (median us):")
+    for t in LENGTHS:
+        fused, scan = per_t[f"fused T={t}"], per_t[f"scan T={t}"]
+        print(f"  T={t:4d}  default {fused * 1e6:7.1f}  impl='scan' {scan * 1e6:7.1f}")
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        doc = {"machine": machine, "arguments_s": per_n, "slope_s_per_argument": slope,
+               "cell": args.cell, "lengths_s": per_t}
+        (out / "dispatch.json").write_text(json.dumps(doc, indent=1))
+        print(f"wrote {out / 'dispatch.json'}")
+
+
+if __name__ == "__main__":
+    main()
