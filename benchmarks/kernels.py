@@ -137,7 +137,8 @@ def run_size(name: str, repeats: int, variants: list[str], cell_name: str) -> li
             r["rel_diff_grads"] = _rel(calls[r["impl"]]["fwd+bwd"](), ref[1])
     # jax-rnn bench's sampler: calls in turn, in a changing order, round after round
     keys = [(v, mode) for v, modes in calls.items() for mode in modes]
-    timed = [(calls[v][mode], _bench._warm_up(calls[v][mode])[1]) for v, mode in keys]
+    timed = [(calls[v][mode], _bench._warm_up(calls[v][mode], compiles=True)[1])
+             for v, mode in keys]
     samples = dict(zip(keys, _bench._sample_interleaved(timed, repeats, float("inf")),
                        strict=True))
     for r in records:

@@ -161,22 +161,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------- timing
 
 
-def _warm_up(call: Callable[[], Any], target: float = 0.02) -> tuple[float, int, Any]:
+def _warm_up(call: Callable[[], Any], compiles: bool = False,
+             target: float = 0.02) -> tuple[float, int, Any]:
     """First call (compiles, for JAX) and how many calls fill one ~``target`` s sample.
 
     Returns ``(first_call_s, calls_per_sample, first_result)``. Calls shorter than
     ``target`` are averaged in groups so that timer and loop overhead stay negligible.
     The group size comes from the fastest of up to three warm calls (fewer where they
-    take over ``5 * target`` together): one stalled call must not leave a 20 us call sampled
-    one call at a time, where each sample is then a cold call (seen: the LSTM's
-    forward+backward at the notebook size, 94-390 us a sample against about 20 us in
-    groups).
+    take over ``5 * target`` together), so that one stalled call does not decide it. A
+    call that ``compiles`` on its first run is always timed warm: its first call's time
+    is mostly compiling. (Before the fourteenth session a first call over 0.5 s meant no
+    warm call at all, and JAX rows that compiled for that long, 3-7 ms calls among them,
+    were sampled one cold call at a time.) Only a call that does not compile and took
+    over 0.5 s is sampled singly without a warm call.
     """
     t0 = time.perf_counter()
     result = call()
     first = time.perf_counter() - t0
     inner = 1
-    if first < 0.5:  # calibrate on warm calls; too costly for slow calls
+    if compiles or first < 0.5:
         fastest, spent = float("inf"), 0.0
         for _ in range(3):
             t0 = time.perf_counter()
@@ -262,7 +265,7 @@ def _matmul_call(n: int, dtype: str) -> Callable[[], Any]:
 def _matmul_throughput(n: int, dtype: str, repeats: int) -> dict:
     """FLOP/s of a jitted N x N x N JAX matmul: the machine's ceiling for dense work."""
     call = _matmul_call(n, dtype)
-    first, inner, _ = _warm_up(call)
+    first, inner, _ = _warm_up(call, compiles=True)
     stats = _stats(first, inner, _sample_interleaved([(call, inner)], repeats, 2.0)[0], True)
     flops = 2.0 * n**3
     return {"n": n, "dtype": dtype, "flops": flops, "median_s": stats["median_s"],
@@ -473,8 +476,12 @@ def _runners_for(c: Config, cell: str, params: Any, xs: Any, peers: list[str],
     runners = [bp.jax_rnn_runner(cell, params, xs, None, has_impl)]
     if "scan" in peers:
         runners.append(bp.jax_rnn_runner(cell, params, xs, "scan", has_impl))
-    if "raveled" in peers and _flops_fwd_bwd(c, cell) <= RAVELED_MAX_FLOPS:
-        runners.append(bp.jax_rnn_raveled_runner(cell, params, xs))
+    if "raveled" in peers:
+        if _flops_fwd_bwd(c, cell) <= RAVELED_MAX_FLOPS:
+            runners.append(bp.jax_rnn_raveled_runner(cell, params, xs))
+        else:
+            notes.append(f"raveled: not run at {c.name}, over RAVELED_MAX_FLOPS "
+                         f"({RAVELED_MAX_FLOPS:.0e} FLOPs forward+backward)")
     if "sharded" in peers:
         devices = _device_count()
         if xs.shape[1] % devices:
@@ -523,7 +530,7 @@ def _bench_cell(c: Config, cell: str, dtype: str, seed: int, peers: list[str], h
     runners = _runners_for(c, cell, params, xs, peers, has_impl, notes)
     progress.add((len(runners) + 1) * len(MODES))
     matmul_call = _matmul_call(matmul_n, dtype)
-    _, matmul_inner, _ = _warm_up(matmul_call)
+    _, matmul_inner, _ = _warm_up(matmul_call, compiles=True)
     matmul: dict = {}
     tol = (2e-4 if dtype == "float32" else 1e-9)
     rows: list[dict[str, Any]] = [
@@ -542,7 +549,7 @@ def _bench_cell(c: Config, cell: str, dtype: str, seed: int, peers: list[str], h
                 continue
             try:
                 call = r.forward if mode == "forward" else r.fwd_bwd
-                first, inner, result = _warm_up(call)
+                first, inner, result = _warm_up(call, compiles=r.jit)
                 if mode == "forward":
                     out = bp.to_numpy(result)
                     ref_out = out if ref_out is None else ref_out

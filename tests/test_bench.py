@@ -173,8 +173,11 @@ def test_raveled_row_computes_jax_rnns_numbers_where_dispatch_dominates(tmp_path
     assert _bench._flops_fwd_bwd(big, "elman") > _bench.RAVELED_MAX_FLOPS
     params = bp.init_params("elman", 0, big.I, big.H, "float32")
     xs = np.zeros((big.T, big.B, big.I), np.float32)
-    runners = _bench._runners_for(big, "elman", params, xs, ["raveled"], True, [])
+    notes = []
+    runners = _bench._runners_for(big, "elman", params, xs, ["raveled"], True, notes)
     assert [r.impl for r in runners] == ["jax_rnn"]
+    assert notes == ["raveled: not run at t1000_b1, over RAVELED_MAX_FLOPS (1e+06 FLOPs "
+                     "forward+backward)"]
 
 
 def test_cpu_devices_needs_a_fresh_process(tmp_path):
@@ -217,25 +220,32 @@ def test_sharded_row_on_two_cpu_devices(tmp_path):
     assert "batch over 2 devices" in done.stdout
 
 
-def test_warm_up_groups_fast_calls_despite_one_stalled_call():
-    """A fast call whose first warm call stalls (30 ms) is still sampled in groups: the
-    group size comes from the fastest warm call, not from the stalled one. A call that
-    is slow every time is sampled one at a time."""
+def test_warm_up_groups_fast_calls_despite_a_slow_first_or_stalled_call():
+    """A fast call is sampled in groups although one warm call stalls (30 ms), and a
+    call that compiles is sampled in groups although its first call took 0.6 s (the
+    group size comes from the fastest warm call). A call that is slow every time, or
+    that does not compile and took 0.6 s, is sampled one call at a time."""
     import time
 
     from jax_rnn._bench import _warm_up
 
-    count = []
+    def slow_at(*which, seconds=0.03):
+        count = []
 
-    def stalls_once():
-        count.append(None)
-        if len(count) == 2:  # the first warm call
-            time.sleep(0.03)
-        return len(count)
+        def call():
+            count.append(None)
+            if len(count) in which:
+                time.sleep(seconds)
+            return len(count)
+        return call
 
-    first, inner, result = _warm_up(stalls_once)
+    first, inner, result = _warm_up(slow_at(2))  # the first warm call stalls
     assert result == 1 and inner > 100, inner
-    first, inner, _ = _warm_up(lambda: time.sleep(0.03))
+    first, inner, _ = _warm_up(slow_at(1, seconds=0.6), compiles=True)  # compiling
+    assert first >= 0.6 and inner > 100, inner
+    first, inner, _ = _warm_up(slow_at(1, seconds=0.6))  # eager: taken as a slow call
+    assert first >= 0.6 and inner == 1
+    first, inner, _ = _warm_up(lambda: time.sleep(0.03), compiles=True)
     assert inner == 1 and first >= 0.03
 
 
