@@ -212,28 +212,53 @@ def _round_orders(n: int) -> list[list[int]]:
     return orders if n % 2 == 0 else orders + [order[::-1] for order in orders]
 
 
+COOL_DOWN_S = 0.1
+"""Pause after a sample of a row whose library leaves threads spinning (the numpy loop's
+OpenBLAS, PyTorch's OpenMP) and whose calls took at least ``COOL_DOWN_AFTER_S`` each, and
+before the first round: their threads spin for 30-100 ms after a call and take cores
+from the next row. Measured at T=200, B=64 (ReLU Elman, forward+backward, medians of 5):
+jax_rnn took 228 ms right after the numpy loop, 227 and 229 after 10 and 30 ms pauses,
+181 and 182 after 100 and 200 ms, 190 after itself; in the thirteenth session's runs the
+round in which jax_rnn followed the numpy loop was its slow sample there every time."""
+
+COOL_DOWN_AFTER_S = 1e-3
+"""Calls shorter than this (the notebook's size) use one thread and need no pause."""
+
+SPINNING = ("numpy", "torch")
+"""The rows' libraries (``Runner.library``) whose thread pools spin after a call."""
+
+
 def _sample_interleaved(calls: list[tuple[Callable[[], Any], int]], repeats: int,
-                        budget: float) -> list[list[float]]:
+                        budget: float, spinning: Sequence[bool] = ()) -> list[list[float]]:
     """Samples every call in turn, round after round, so that a change in the machine's
     load during the measurement reaches every implementation alike.
 
     The order changes from round to round (:func:`_round_orders`) so that no call always
     follows the same one: in a fixed order the jax_rnn row always came right after
-    PyTorch's, whose OpenMP threads keep spinning for a while after a call.
+    PyTorch's, whose OpenMP threads keep spinning for a while after a call. A sample of
+    a call marked in ``spinning`` (its library's threads spin after it) is followed by
+    ``COOL_DOWN_S`` of sleep where its calls took at least ``COOL_DOWN_AFTER_S``, and
+    so is the start (after the warm-up calls). Pauses do not count against the budget.
     Stops after ``repeats`` rounds, or once 3 rounds are in and ``budget`` seconds per
     call have passed. A call whose first sample took over ``5 * budget`` seconds (an
     eager peer at 10,000 steps, say) is sampled only once: its median is that sample.
     """
     times: list[list[float]] = [[] for _ in calls]
+    spins = list(spinning) or [False] * len(calls)
     orders = _round_orders(len(calls))
-    start = time.perf_counter()
+    time.sleep(COOL_DOWN_S)
+    start, paused = time.perf_counter(), 0.0
     for done in range(1, repeats + 1):
         for k in orders[(done - 1) % len(orders)]:
             (call, inner), samples = calls[k], times[k]
             if samples and samples[0] > 5 * budget:
                 continue
             samples.append(_sample(call, inner))
-        if done >= min(3, repeats) and time.perf_counter() - start > budget * len(calls):
+            if spins[k] and samples[-1] >= COOL_DOWN_AFTER_S:
+                time.sleep(COOL_DOWN_S)
+                paused += COOL_DOWN_S
+        elapsed = time.perf_counter() - start - paused
+        if done >= min(3, repeats) and elapsed > budget * len(calls):
             break
     return times
 
@@ -576,9 +601,11 @@ def _bench_cell(c: Config, cell: str, dtype: str, seed: int, peers: list[str], h
         progress.step(f"{c.name} {cell} timing {mode}", advance=0)
         calls = [(r.forward if mode == "forward" else r.fwd_bwd, inner)
                  for r, _, _, inner in live]
+        spinning = [r.library in SPINNING for r, _, _, _ in live]
         if mode == "fwd_bwd":
             calls.append((matmul_call, matmul_inner))
-        times = _sample_interleaved(calls, repeats, budget)
+            spinning.append(False)
+        times = _sample_interleaved(calls, repeats, budget, spinning)
         if mode == "fwd_bwd":
             samples = times.pop()
             median = statistics.median(samples)

@@ -277,6 +277,37 @@ def test_interleaved_sampling_follows_the_round_orders():
     assert order == expected
 
 
+def test_interleaved_sampling_pauses_after_spinning_libraries(monkeypatch):
+    """A sample of a call marked spinning is followed by COOL_DOWN_S of sleep where its
+    calls took at least COOL_DOWN_AFTER_S, and so is the start; other samples are not."""
+    import itertools
+    import time
+
+    from jax_rnn import _bench
+
+    monkeypatch.setattr(_bench, "COOL_DOWN_S", 0.1)
+    stamps: list[tuple[int, float, float]] = []
+
+    def timed(k, seconds):
+        def call():
+            t0 = time.perf_counter()
+            time.sleep(seconds)
+            stamps.append((k, t0, time.perf_counter()))
+        return call
+
+    # 0: spinning and slow (2 ms calls), 1: spinning but fast, 2 and 3: not spinning
+    calls = [(timed(0, 2e-3), 1), (timed(1, 0.0), 1), (timed(2, 2e-3), 1), (timed(3, 0.0), 1)]
+    t_start = time.perf_counter()
+    _bench._sample_interleaved(calls, repeats=4, budget=1e9,
+                               spinning=[True, True, False, False])
+    assert stamps[0][1] - t_start >= 0.1  # the pause before the first round
+    gaps = {}
+    for (k, _, end), (_, start, _) in itertools.pairwise(stamps):
+        gaps.setdefault(k, []).append(start - end)
+    assert min(gaps[0]) >= 0.1  # after every sample of the slow spinning call
+    assert max(gaps[1] + gaps[2] + gaps[3]) < 0.05  # after none of the others
+
+
 def test_unknown_config_is_an_error(tmp_path):
     with pytest.raises(SystemExit, match="unknown config"):
         main(["bench", "--configs", "nope", "--out", str(tmp_path)])
