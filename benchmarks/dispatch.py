@@ -9,6 +9,8 @@ Two measurements, each in interleaved rounds in one process (medians of the roun
   at the notebook's size (T=5, B=1, I=1, H=2; about 10 us a call) a cell whose parameters
   are four arrays (PyTorch's layout, jax_rnn's ``LSTMParams``) pays for two more than one
   whose parameters are two (Haiku's LSTM).
+* ``outputs``: the same with one argument and ``n`` results (forward+backward returns
+  one gradient array per parameter array).
 * ``lengths``: jax_rnn's default path and ``impl="scan"``, forward+backward at B=1, I=1,
   H=2 over sequence lengths 5 to 400. XLA's CPU runtime runs a computation's operations
   one after another only where every buffer is at most 512 bytes (or there are at most 8
@@ -64,6 +66,14 @@ def arguments(repeats: int) -> dict[str, float]:
     return _rounds(calls, repeats, 2000)
 
 
+def outputs(repeats: int) -> dict[str, float]:
+    calls = {}
+    x = jnp.ones((8,), jnp.float32)
+    for n in range(1, 9):
+        calls[str(n)] = _compiled(lambda a, n=n: tuple(a + k for k in range(n)), x)
+    return _rounds(calls, repeats, 2000)
+
+
 def lengths(repeats: int, cell_name: str) -> dict[str, float]:
     cell = getattr(jax_rnn, cell_name)
     params = cell.init(jax.random.key(0), 1, 2, None, dtype=jnp.float32)
@@ -93,6 +103,11 @@ def main() -> None:
     print("  " + "  ".join(f"n={n}: {s * 1e6:.2f}" for n, s in per_n.items()))
     slope = np.polyfit([int(n) for n in per_n], list(per_n.values()), 1)[0]
     print(f"  least-squares slope: {slope * 1e6:.2f} us per array argument")
+    per_out = outputs(args.repeats)
+    print("compiled call with n array results (median us):")
+    print("  " + "  ".join(f"n={n}: {s * 1e6:.2f}" for n, s in per_out.items()))
+    slope_out = np.polyfit([int(n) for n in per_out], list(per_out.values()), 1)[0]
+    print(f"  least-squares slope: {slope_out * 1e6:.2f} us per array result")
     per_t = lengths(args.repeats, args.cell)
     print(f"{args.cell} forward+backward at B=1, I=1, H=2 (median us):")
     for t in LENGTHS:
@@ -102,7 +117,8 @@ def main() -> None:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         doc = {"machine": machine, "arguments_s": per_n, "slope_s_per_argument": slope,
-               "cell": args.cell, "lengths_s": per_t}
+               "results_s": per_out, "slope_s_per_result": slope_out, "cell": args.cell,
+               "lengths_s": per_t}
         (out / "dispatch.json").write_text(json.dumps(doc, indent=1))
         print(f"wrote {out / 'dispatch.json'}")
 

@@ -222,7 +222,8 @@ jax_rnn took 228 ms right after the numpy loop, 227 and 229 after 10 and 30 ms p
 round in which jax_rnn followed the numpy loop was its slow sample there every time."""
 
 COOL_DOWN_AFTER_S = 1e-3
-"""Calls shorter than this (the notebook's size) use one thread and need no pause."""
+"""Calls shorter than this (the notebook's size; tiny products) are taken to leave no
+threads spinning: OpenBLAS and PyTorch run such products on the calling thread."""
 
 SPINNING = ("numpy", "torch")
 """The rows' libraries (``Runner.library``) whose thread pools spin after a call."""

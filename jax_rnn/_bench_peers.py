@@ -178,7 +178,7 @@ def jax_rnn_raveled_runner(cell_name: str, params: Any, xs: Any) -> Runner:
     """jax_rnn's default path on the parameters raveled into one flat array by
     :func:`jax.flatten_util.ravel_pytree`, unravelled inside the jitted function.
 
-    A jitted call pays JAX's dispatch per array argument (0.38-0.51 us each on this
+    A jitted call pays JAX's dispatch per array argument (0.38-0.64 us each on this
     project's 2-core CPU machine, docs/performance.md). Where a call takes about 10 us
     (the notebook's size) that decides the race: jax_rnn's LSTM, in PyTorch's layout, is
     four arrays where Haiku's is two. This row shows the same computation with one array
