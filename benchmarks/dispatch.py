@@ -2,7 +2,8 @@
 
     python benchmarks/dispatch.py [--repeats 15] [--out DIR]
 
-Two measurements, each in interleaved rounds in one process (medians of the rounds):
+Three measurements, each by ``jax-rnn bench``'s sampler in one process (medians of
+interleaved rounds):
 
 * ``arguments``: a compiled call whose ``n`` float32 ``(8,)`` array arguments are all used
   (their sum), for ``n`` = 1 to 8. The slope is JAX's dispatch cost per array argument:
@@ -26,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -34,44 +34,34 @@ import jax.numpy as jnp
 import numpy as np
 
 import jax_rnn
+from jax_rnn import _bench
+from jax_rnn._bench_peers import _Compiled
 
 LENGTHS = (5, 10, 15, 20, 50, 100, 200, 400)
 
 
-def _rounds(calls: dict, repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per call of each of ``calls``, sampled in interleaved rounds."""
-    for call in calls.values():
-        call()
-        call()
-    times: dict[str, list[float]] = {key: [] for key in calls}
-    for _ in range(repeats):
-        for key, call in calls.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                call()
-            times[key].append((time.perf_counter() - start) / inner)
-    return {key: statistics.median(t) for key, t in times.items()}
-
-
-def _compiled(fn, *args):  # noqa: ANN001, ANN202
-    compiled = jax.jit(fn).lower(*args).compile()
-    return lambda: jax.block_until_ready(compiled(*args))
+def _rounds(calls: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, by ``jax-rnn bench``'s sampler: group
+    sizes from warm calls, then the calls in turn, in a changing order, round after round."""
+    timed = [(call, _bench._warm_up(call, compiles=True)[1]) for call in calls.values()]
+    samples = _bench._sample_interleaved(timed, repeats, float("inf"))
+    return {key: statistics.median(t) for key, t in zip(calls, samples, strict=True)}
 
 
 def arguments(repeats: int) -> dict[str, float]:
     calls = {}
     for n in range(1, 9):
         args = [jnp.full((8,), float(k), jnp.float32) for k in range(n)]
-        calls[str(n)] = _compiled(lambda *a: sum(a), *args)
-    return _rounds(calls, repeats, 2000)
+        calls[str(n)] = _Compiled(lambda *a: sum(a), tuple(args))
+    return _rounds(calls, repeats)
 
 
 def outputs(repeats: int) -> dict[str, float]:
     calls = {}
     x = jnp.ones((8,), jnp.float32)
     for n in range(1, 9):
-        calls[str(n)] = _compiled(lambda a, n=n: tuple(a + k for k in range(n)), x)
-    return _rounds(calls, repeats, 2000)
+        calls[str(n)] = _Compiled(lambda a, n=n: tuple(a + k for k in range(n)), (x,))
+    return _rounds(calls, repeats)
 
 
 def lengths(repeats: int, cell_name: str) -> dict[str, float]:
@@ -84,8 +74,8 @@ def lengths(repeats: int, cell_name: str) -> dict[str, float]:
             def loss(p, x, impl=impl):  # noqa: ANN001, ANN202
                 return jax_rnn.unroll(cell, p, x, impl=impl)[1].output.sum()
 
-            calls[f"{impl} T={t}"] = _compiled(jax.value_and_grad(loss), params, xs)
-    return _rounds(calls, repeats, 200)
+            calls[f"{impl} T={t}"] = _Compiled(jax.value_and_grad(loss), (params, xs))
+    return _rounds(calls, repeats)
 
 
 def main() -> None:
