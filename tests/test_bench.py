@@ -40,6 +40,10 @@ def test_quick_bench_writes_json_markdown_and_plot(tmp_path, capsys):
         # Values, not times: every implementation computed jax_rnn's outputs and gradients.
         assert r["check"]["max_abs_diff"] < 1e-5, r
         assert r["check"]["grad_max_abs_diff"] < 1e-4, r
+        # ... and the float64 numpy reference's gradients, relative per parameter.
+        assert 0 < r["check"]["grad_rel_err_float64"] < 1e-5, r
+    for s in doc["summary"]:  # the gradient bar: jax_rnn against impl="scan"
+        assert 0 < s["grads"]["rel_diff_vs_scan"] < 1e-5 and s["grads"]["tolerance"] == 1e-4
     numpy_rows = [r for r in rows if r["impl"] == "numpy"]
     assert all(r["check"]["agrees"] for r in numpy_rows)
     assert {s["cell"] for s in doc["summary"]} == {"elman", "lstm"}
@@ -123,6 +127,38 @@ def test_bars_compare_like_with_like_and_report_the_numpy_loop_beside():
     assert bars[("gru", "fwd_bwd_vs_fastest_peer")]["passes"] is True  # 270 / 200
     assert bars[("elman", "forward_vs_fastest_peer")]["passes"] is True  # 25.5 / 25
     assert bars[("gru", "forward_vs_fastest_peer")]["passes"] is True  # 66 / 60
+
+
+def test_gradient_bar_is_the_largest_relative_difference_per_parameter():
+    """``grads_vs_scan``: each parameter's largest difference relative to its own largest
+    reference gradient (so a small bias is not hidden by large weights), the worst over
+    the parameters; it passes at or below the tolerance, and a missing parameter or a
+    wrong shape never passes."""
+    from jax_rnn import _bench
+
+    ref = {"w": np.array([[100.0, -200.0]]), "b": np.array([0.5, 0.25])}
+    off = {"w": np.array([[100.0, -200.002]]), "b": np.array([0.50002, 0.25])}
+    assert _bench._rel_diff(off, ref) == pytest.approx(4e-5)  # b: 2e-5 / 0.5 > w: 1e-5
+    assert _bench._rel_diff(ref, ref) == 0.0
+    assert _bench._rel_diff({"w": ref["w"]}, ref) == float("inf")
+    assert _bench._rel_diff({"w": ref["w"], "b": ref["b"][:1]}, ref) == float("inf")
+    zero = {"b": np.zeros(2)}
+    assert _bench._rel_diff(zero, zero) == 0.0
+    assert _bench._rel_diff({"b": np.array([0.0, 1e-30])}, zero) == float("inf")
+    results = [_timed("t1000_b32", "elman", "jax_rnn", 25.0, 70.0)]
+    for value, passes in ((4e-5, True), (1e-4, True), (1.5e-4, False)):
+        results[0]["check"].update(grad_rel_diff_vs_scan=value, grad_tolerance=1e-4)
+        (entry,) = _bench._summarize(results, [_bench.CONFIGS["t1000_b32"]], ["elman"],
+                                     {("t1000_b32", "elman"): {"flops_per_s": 1e11}})
+        (bar,) = [b for b in _bench._bars([entry]) if b["bar"] == "grads_vs_scan"]
+        assert (bar["value"], bar["threshold"], bar["passes"], bar["at_most"]) == (
+            value, 1e-4, passes, True)
+        doc = {"bars": [bar], "summary": [], "configs": [], "results": [], "notes": [],
+               "skipped": {}, "machine": {}}
+        lines = []
+        _bench._print_ratios(doc, lines.append)
+        assert (f"bar not met: t1000_b32 elman grads_vs_scan = {value:.3g} > 0.0001"
+                in "\n".join(lines)) is not passes
 
 
 @pytest.mark.parametrize("name", ["sharded", "raveled"])
