@@ -24,6 +24,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ._experiments import _positive, _positive_float
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
@@ -148,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="timed samples per measurement, at most (default 7, 2 with --quick; the "
         "T=200 and T=10000 sizes take at most 3)")
     parser.add_argument(
-        "--budget", type=float, default=None,
+        "--budget", type=_positive_float, default=None,
         help="seconds per measurement after which sampling stops once 3 samples are in "
         "(default 2.0)")
     parser.add_argument("--quick", action="store_true",
@@ -157,7 +159,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder (default ./jax-rnn-out/bench)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
-    parser.add_argument("--matmul-size", type=int, default=None,
+    parser.add_argument("--matmul-size", type=_positive, default=None,
                         help="N of the N x N matmul that measures the machine's throughput "
                         "(default 2048, 256 with --quick)")
     parser.add_argument(
@@ -1080,7 +1082,8 @@ def _run(args: argparse.Namespace, precision: str) -> int:
         print("jax-rnn bench: jax_rnn.unroll has no `impl` keyword; the impl='scan' row "
               "runs the default path")
 
-    matmul_n = args.matmul_size or (256 if args.quick else 2048)
+    matmul_n = args.matmul_size if args.matmul_size is not None else (256 if args.quick
+                                                                       else 2048)
     matmul_repeats = 2 if args.quick else 5
     matmul = _matmul_throughput(matmul_n, args.dtype, matmul_repeats)
     matmul_by_cell: dict[tuple[str, str], dict] = {}

@@ -43,6 +43,40 @@ def is_vmapped(tree: Any) -> bool:
     return False
 
 
+def is_float(dtype: Any) -> bool:
+    """Whether ``dtype`` is a real floating type: numpy's, and bfloat16 and the other
+    ``ml_dtypes`` floats JAX adds (numpy's ``kind`` calls those ``"V"``)."""
+    return bool(jnp.issubdtype(dtype, jnp.floating))
+
+
+def batch_tuple(where: str, batch_shape: Any) -> tuple[int, ...]:
+    """``batch_shape`` as a tuple of ints: an int ``B`` is ``(B,)``."""
+    if isinstance(batch_shape, int | np.integer) and not isinstance(batch_shape, bool):
+        batch_shape = (batch_shape,)
+    if not isinstance(batch_shape, tuple | list) or any(
+            isinstance(b, bool) or not isinstance(b, int | np.integer) or b < 0
+            for b in batch_shape):
+        raise TypeError(
+            f"`{where}`: `batch_shape` must be a tuple of sizes >= 0 (or one int), got "
+            f"{batch_shape!r}; e.g. `(32,)` for a batch of 32, `()` for one sequence."
+        )
+    return tuple(int(b) for b in batch_shape)
+
+
+def check_batches(where: str, **arrays: Any) -> None:
+    """Checks that the leading (batch) axes of one step's arrays broadcast together."""
+    shapes = {name: tuple(np.shape(a))[:-1] for name, a in arrays.items()}
+    try:
+        np.broadcast_shapes(*shapes.values())
+    except ValueError:
+        listed = ", ".join(f"`{name}` {shape}" for name, shape in shapes.items())
+        raise ValueError(
+            f"`{where}`: the batch axes (all but the last) do not broadcast: {listed}; give "
+            "them one batch shape, e.g. a carry from `cell.initial_state(params, "
+            "x.shape[:-1])`."
+        ) from None
+
+
 def shape_dtype(where: str, name: str, value: _ArrayLike) -> tuple[tuple[int, ...], np.dtype]:
     """Returns ``(shape, dtype)`` of an array-like, or raises a TypeError naming ``where``."""
     if isinstance(value, jax.Array | np.ndarray | np.generic | jax.ShapeDtypeStruct) or hasattr(
@@ -63,7 +97,7 @@ def shape_dtype(where: str, name: str, value: _ArrayLike) -> tuple[tuple[int, ..
             f"`{where}`: `{name}` must be an array of numbers, got {type(value).__name__}; "
             "pass a numpy or jax array."
         )
-    if dtype.kind not in "biuf":
+    if dtype.kind not in "biu" and not is_float(dtype):
         raise TypeError(
             f"`{where}`: `{name}` has dtype {dtype}, expected real numbers (bool, int or "
             f"float); convert it, e.g. `jnp.asarray({name}, dtype=jnp.float32)`."
@@ -84,12 +118,12 @@ def float_dtype(*dtypes: np.dtype) -> np.dtype:
     Integer and bool arguments count as the default float type (numpy turns
     ``int @ float32`` into float32 when the int is small; we never compute in ints).
     """
-    floats = [d for d in dtypes if d.kind == "f"]
+    floats = [d for d in dtypes if is_float(d)]
     if not floats:
         return np.dtype(jnp.zeros(()).dtype)
     out = floats[0]
     for d in floats[1:]:
-        out = np.promote_types(out, d)
+        out = jnp.promote_types(out, d)
     return np.dtype(jax.dtypes.canonicalize_dtype(out))
 
 
@@ -168,7 +202,7 @@ def check_fields(
                 f"array shaped {_fmt(dims)}."
             )
         shape, dtype = shape_dtype(where, f"params.{field}", value)
-        if dtype.kind != "f":
+        if not is_float(dtype):
             raise TypeError(
                 f"`{where}`: `params.{field}` has dtype {dtype}, expected a float dtype; "
                 f"cast it with `.astype(jnp.float32)` (or float64)."

@@ -108,4 +108,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
     if args.command is None:
         args = parser.parse_args(["demo", *(sys.argv[1:] if argv is None else list(argv))])
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except BrokenPipeError:  # e.g. `jax-rnn demo --json | head`: the reader has gone
+        # Python flushes stdout again at exit; point it at /dev/null so that it cannot fail.
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

@@ -32,15 +32,40 @@ class BidirectionalState(NamedTuple):
     backward: Any
 
 
-def output_size_of(layer: Any, params: Any) -> int:
-    """Feature size of what ``layer`` emits per step (the next layer's input size)."""
+def output_size_of(layer: Any, params: Any, input_size: int | None = None) -> int:
+    """Feature size of what ``layer`` emits per step (the next layer's input size).
+
+    The built-in cells' params know it (``params.output_size``); a cell of the user's is
+    traced for one step on an input of ``input_size`` features (shapes only, nothing
+    runs), and its output (a :class:`StepOutput`'s ``output``, or what the step returns)
+    gives it.
+    """
     if isinstance(layer, Bidirectional):
-        return output_size_of(layer.forward, params.forward) + output_size_of(
-            layer.backward, params.backward
+        return output_size_of(layer.forward, params.forward, input_size) + output_size_of(
+            layer.backward, params.backward, input_size
         )
     if isinstance(layer, Stack):
-        return output_size_of(layer.layers[-1], params[-1])
-    return int(params.output_size)
+        sizes = [input_size]
+        for inner, p in zip(layer.layers[:-1], params[:-1], strict=True):
+            sizes.append(None if sizes[-1] is None else output_size_of(inner, p, sizes[-1]))
+        return output_size_of(layer.layers[-1], params[-1], sizes[-1])
+    size = getattr(params, "output_size", None)
+    if size is not None:
+        return int(size)
+    if input_size is None:
+        raise TypeError(f"no output size known for params of type {type(params).__name__}")
+    floats = [a.dtype for a in jax.tree.leaves(params)
+              if hasattr(a, "dtype") and jnp.issubdtype(a.dtype, jnp.floating)]
+    x = jax.ShapeDtypeStruct((input_size,), floats[0] if floats else jnp.float32)
+    carry = jax.eval_shape(lambda p: layer.initial_state(p, ()), params)
+    _, y = jax.eval_shape(layer.step, params, carry, x)
+    out = y.output if isinstance(y, StepOutput) else y
+    if not hasattr(out, "shape") or len(out.shape) == 0:
+        raise TypeError(
+            "`jax_rnn.Stack.init`: a layer's step must return an array of features, or a "
+            f"StepOutput, as its output; got {type(out).__name__} {out}."
+        )
+    return int(out.shape[-1])
 
 
 def concat_outputs(forward: Any, backward: Any) -> Any:
@@ -129,9 +154,11 @@ class Stack(NamedTuple):
         size_in = input_size
         for i, (layer, layer_key, size) in enumerate(zip(self.layers, keys, sizes, strict=True)):
             out = output_size if i == len(self.layers) - 1 else None
-            layer_params = layer.init(layer_key, size_in, size, out, dtype=dtype)
+            # (a cell of the user's need not take `dtype` when none is asked for)
+            extra = {} if dtype is None else {"dtype": dtype}
+            layer_params = layer.init(layer_key, size_in, size, out, **extra)
             params.append(layer_params)
-            size_in = output_size_of(layer, layer_params)
+            size_in = output_size_of(layer, layer_params, size_in)
         return tuple(params)
 
     def initial_state(self, params: tuple, batch_shape: tuple = ()) -> tuple:

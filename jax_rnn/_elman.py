@@ -82,6 +82,7 @@ def _check_step(where: str, params: Any, state: Any, x: Any) -> None:
             f"`{where}`: `state` has shape {jnp.shape(state)}, but `params.w_cell_state` "
             f"is {hidden_size}x{hidden_size}; state must be shaped (..., {hidden_size})."
         )
+    _checks.check_batches(where, x=x, state=state)
 
 
 def readout(params: Any, state: Array) -> Array:
@@ -240,7 +241,7 @@ def _check_sizes(where: str, **sizes: Any) -> None:
 
 def _float_dtype(where: str, dtype: Any) -> np.dtype:
     out = np.dtype(jnp.zeros(()).dtype if dtype is None else dtype)
-    if out.kind != "f":
+    if not _checks.is_float(out):
         raise TypeError(f"`{where}`: `dtype` must be a float dtype, got {out}.")
     return np.dtype(jax.dtypes.canonicalize_dtype(out))
 
@@ -248,7 +249,8 @@ def _float_dtype(where: str, dtype: Any) -> np.dtype:
 def state_zeros(params: Any, batch_shape: tuple[int, ...] = ()) -> Array:
     """Zeros shaped ``(*batch_shape, H)`` in the params' dtype."""
     w = params.w_cell_state
-    return jnp.zeros((*tuple(batch_shape), w.shape[0]), w.dtype)
+    return jnp.zeros((*_checks.batch_tuple("initial_state", batch_shape), w.shape[0]),
+                     w.dtype)
 
 
 def elman_initial_state(params: ElmanParams, batch_shape: tuple[int, ...] = ()) -> Array:

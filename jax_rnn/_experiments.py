@@ -51,6 +51,13 @@ def _positive(text: str) -> int:
     return value
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``jax-rnn grad``."""
     parser.add_argument("--radii", type=_floats, default=list(DEFAULT_RADII),
@@ -63,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=_positive, default=8,
                         help="sequences per setting; norms are averaged in log space "
                         "(default: 8)")
-    parser.add_argument("--input-scale", type=float, default=0.1,
+    parser.add_argument("--input-scale", type=_positive_float, default=0.1,
                         help="standard deviation of the random inputs; larger inputs "
                         "saturate tanh (default: 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")

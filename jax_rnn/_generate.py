@@ -42,8 +42,18 @@ def _generate_jit(
     def body(loop: tuple[Any, Array], key_t: Array | None) -> tuple[tuple[Any, Array], Any]:
         carry, x = loop
         carry, y = cell.step(params, carry, x)
-        nxt = feedback(y) if key_t is None else feedback(y, key_t)
-        return (carry, jnp.asarray(nxt, x.dtype).reshape(x.shape)), (y, x)
+        nxt = jnp.asarray(feedback(y) if key_t is None else feedback(y, key_t))
+        if nxt.shape != x.shape:  # known while tracing: before anything runs
+            default = feedback is _identity_feedback
+            raise ValueError(
+                f"`jax_rnn.generate`: `feedback` returned shape {nxt.shape}, expected the "
+                f"input's shape {x.shape} (*batch, I): each step's feedback is the next "
+                "step's input."
+                + (" The default feedback is the step's output, which needs output size == "
+                   "input size; pass `feedback=` that maps an output to an input."
+                   if default else "")
+            )
+        return (carry, nxt.astype(x.dtype)), (y, x)
 
     (final, _), (ys, xs) = jax.lax.scan(body, (carry0, first_input), keys, length=steps)
     return final, ys, xs
@@ -102,8 +112,14 @@ def generate(
     batch = tuple(shape[:-1])
     dtypes: list = []
     struct = jax.ShapeDtypeStruct((1, *shape), x_dtype)
-    _check_model(where, cell, params, struct, state0, batch, dtypes, "first_input")
+    _check_model(where, cell, params, struct, state0, batch, dtypes, "first_input",
+                 time_axis=False)
     dtype = _checks.float_dtype(*dtypes, x_dtype) if dtypes else None
+    if feedback is not None and not callable(feedback):
+        raise TypeError(
+            f"`{where}`: `feedback` must be a function of the step's output (and a key when "
+            f"`key` is given) that returns the next input, got {type(feedback).__name__}."
+        )
     fb = _identity_feedback if feedback is None else feedback
     first = _checks.as_array(first_input)
     state0 = None if state0 is None else jax.tree.map(_checks.as_array, state0)

@@ -98,6 +98,7 @@ def _check_step(where: str, params: Any, state: Any, x: Any) -> None:
             f"`{where}`: `state` has shape {jnp.shape(state)}, but `params.w_cell_state` "
             f"is ({hidden_size}, {3 * hidden_size}); state must be shaped (..., {hidden_size})."
         )
+    _checks.check_batches(where, x=x, state=state)
 
 
 def gru_step(params: GRUParams, state: Array, x: Array) -> tuple[Array, StepOutput]:

@@ -118,6 +118,7 @@ def _check_step(where: str, params: Any, carry: Any, x: Any) -> tuple[Any, Any]:
                 f"is ({hidden_size}, {4 * hidden_size}); {name} must be shaped "
                 f"(..., {hidden_size})."
             )
+    _checks.check_batches(where, x=x, **{"carry.h": h, "carry.c": c})
     return h, c
 
 
@@ -224,7 +225,8 @@ def lstm_initial_state(params: LSTMParams, batch_shape: tuple[int, ...] = ()) ->
         ((2, 4), (2, 4))
     """
     w = params.w_cell_state
-    zeros = jnp.zeros((*tuple(batch_shape), w.shape[0]), w.dtype)
+    zeros = jnp.zeros((*_checks.batch_tuple("jax_rnn.lstm.initial_state", batch_shape),
+                       w.shape[0]), w.dtype)
     return LSTMState(h=zeros, c=zeros)
 
 

@@ -78,8 +78,12 @@ def _check_model(
     batch: tuple,
     dtypes: list,
     x_name: str = "xs",
+    time_axis: bool = True,
 ) -> Any:
-    """Checks one model level; returns the struct of what it emits (or None if unknown)."""
+    """Checks one model level; returns the struct of what it emits (or None if unknown).
+
+    ``x`` always has a time axis; ``time_axis=False`` leaves it out of the error messages
+    (one step's input, :func:`generate`'s ``first_input``)."""
     if isinstance(model, Stack):
         if not isinstance(params, tuple | list) or len(params) != len(model.layers):
             raise TypeError(
@@ -97,7 +101,7 @@ def _check_model(
             )
         states = state0 if state0 is not None else (None,) * len(model.layers)
         for layer, p, s in zip(model.layers, params, states, strict=True):
-            x = _check_model(where, layer, p, x, s, batch, dtypes, x_name)
+            x = _check_model(where, layer, p, x, s, batch, dtypes, x_name, time_axis)
             x_name = "the previous layer's output"
         return x
     if isinstance(model, Bidirectional):
@@ -112,8 +116,10 @@ def _check_model(
                 "BidirectionalState(forward, backward) or None."
             )
         s_fw, s_bw = (None, None) if state0 is None else state0
-        a = _check_model(where, model.forward, params.forward, x, s_fw, batch, dtypes, x_name)
-        b = _check_model(where, model.backward, params.backward, x, s_bw, batch, dtypes, x_name)
+        a = _check_model(where, model.forward, params.forward, x, s_fw, batch, dtypes, x_name,
+                         time_axis)
+        b = _check_model(where, model.backward, params.backward, x, s_bw, batch, dtypes,
+                         x_name, time_axis)
         if a is None or b is None:
             return None
         return jax.ShapeDtypeStruct((*a.shape[:-1], a.shape[-1] + b.shape[-1]), a.dtype)
@@ -130,7 +136,9 @@ def _check_model(
     input_size, _, params_dtype = spec.shapes(where, params)
     dtypes.append(params_dtype)
     if x is not None:
-        _, x_dtype = _checks.check_inputs(where, x, input_size, time_axis=True, name=x_name)
+        step_x = x if time_axis else jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+        _, x_dtype = _checks.check_inputs(where, step_x, input_size, time_axis=time_axis,
+                                          name=x_name)
         dtypes.append(x_dtype)
     if state0 is not None:
         spec.check_carry(where, params, state0, batch)
@@ -388,6 +396,8 @@ def _run_cell(
     if length == 0:
         final, ys = scan(step, carry0, xs)
         return final, ys, _empty_info(opts, carry0)
+    if lengths is not None:  # checked where concrete; under jit, out-of-range values clip
+        lengths = jnp.clip(lengths, 0, length)
     perm = None
     if lengths is not None and reverse:
         perm = prefix_reverse_index(lengths, length)
@@ -399,6 +409,8 @@ def _run_cell(
     valid = None
     if lengths is not None:
         valid = t.reshape((length,) + (1,) * lengths.ndim) < lengths
+        if resets is not None:  # past a sequence's end the carry stays, reset or not
+            resets = jnp.logical_and(resets.astype(bool), valid)
     chunk = 0
     if opts.remat is not False:
         chunk = math.isqrt(length - 1) + 1 if opts.remat is True else int(opts.remat)
@@ -714,7 +726,8 @@ def unroll(
             zeros, so the final state is the state after its last valid step and padding
             never reaches the results or the gradients. With ``reverse=True`` each valid
             prefix is read backwards in place (PyTorch packed sequences, Flax
-            ``seq_lengths``).
+            ``seq_lengths``). Lengths outside ``[0, T]`` are an error where their values
+            can be read; traced (under ``jit``) they are clipped to ``[0, T]``.
         reverse: run from the last step to the first; outputs stay at their time index.
         time_major: ``False`` for batch-major inputs ``(*batch, T, I)`` as Flax and Keras
             take them; outputs then come back batch-major too.
@@ -832,7 +845,27 @@ def checked_call(
     return_info: bool = False,
 ) -> Any:
     """Checks every argument of :func:`unroll`, then calls ``jitted`` with them."""
+    for name, flag in (("reverse", reverse), ("time_major", time_major),
+                       ("check_finite", check_finite), ("return_info", return_info)):
+        if not isinstance(flag, bool | np.bool_):
+            raise TypeError(
+                f"`{where}`: `{name}` must be True or False, got {flag!r} "
+                f"({type(flag).__name__}); it is read before tracing, so it cannot be an array."
+            )
     _check_options(where, unroll, remat, truncate, impl)
+    if method == "sequential":
+        given = [name for name, value in (("tol", tol), ("max_iter", max_iter),
+                                          ("guess", guess), ("damping", damping))
+                 if value is not None]
+        if on_failure != "fallback":
+            given.append("on_failure")
+        if given:
+            raise ValueError(
+                f"`{where}`: {', '.join(f'`{g}`' for g in given)} "
+                f"{'is' if len(given) == 1 else 'are'} for method=\"deer\" or "
+                "\"quasi_deer\" only; the sequential method (the default) takes none. Pass "
+                "method=\"deer\" or drop them."
+            )
     if method != "sequential":
         from ._parallel import _check_options as check_parallel
 
@@ -842,8 +875,6 @@ def checked_call(
                 f"`{where}`: `remat` applies to method=\"sequential\" only; the parallel "
                 f"methods keep the whole trajectory. Drop remat or use the sequential method."
             )
-    elif guess is not None:
-        raise ValueError(f"`{where}`: `guess` is for method=\"deer\" or \"quasi_deer\" only.")
     prep = prepare(where, cell, params, xs, state0, time_major=time_major)
     if seq_lengths is not None:
         seq_lengths = _check_seq_lengths(where, seq_lengths, prep.batch_shape, prep.length)

@@ -566,10 +566,31 @@ def to_torch_state(params: Any, carry: Any) -> Any:
         raise ValueError(
             f"`{where}`: `carry` has {len(layer_carries)} layers but `params` has {len(layers)}."
         )
-    cells = []
-    for layer, c in zip(layers, layer_carries, strict=True):
+    cells, sizes, owners = [], [], []
+    for k, (layer, c) in enumerate(zip(layers, layer_carries, strict=True)):
+        if len(layer) == 2 and not (isinstance(c, tuple) and len(c) == 2):
+            raise TypeError(
+                f"`{where}`: layer {k} is bidirectional; its carry must be "
+                f"BidirectionalState(forward, backward), got {type(c).__name__}."
+            )
         cells.extend([c[0], c[1]] if len(layer) == 2 else [c])
-    if _is_lstm(layers):
+        sizes.extend(p.w_cell_state.shape[0] for p in layer)
+        owners.extend([k] * len(layer))
+    lstm = _is_lstm(layers)
+    for c, hidden, k in zip(cells, sizes, owners, strict=True):
+        if lstm:
+            leaves = tuple(c) if isinstance(c, tuple) and len(c) == 2 else ()
+        else:
+            leaves = () if isinstance(c, tuple | list) else (c,)
+        shapes = [getattr(a, "shape", None) for a in leaves]
+        if not leaves or any(s is None or len(s) == 0 or s[-1] != hidden for s in shapes):
+            what = "an LSTMState(h, c)" if lstm else "one array"
+            raise TypeError(
+                f"`{where}`: the carry of layer {k} must be {what} shaped (*batch, {hidden}), "
+                f"as `jax_rnn.unroll` returns for these params; got {type(c).__name__}"
+                + (f" of shapes {shapes}" if leaves else "") + "."
+            )
+    if lstm:
         return (jnp.stack([c[0] for c in cells]), jnp.stack([c[1] for c in cells]))
     return jnp.stack(cells)
 

@@ -88,22 +88,30 @@ def _run(
     out_sizes: tuple[int, int, int],
     reverse: bool,
     seq_lengths: Any,
+    resets: Any = None,
 ) -> tuple[tuple[np.ndarray, ...], StepOutput]:
     """Runs ``step`` on each batch element separately, over its own valid steps.
 
     ``carry0`` holds arrays shaped ``(*batch, H)``; ``step(carry, x)`` works on one
     example and returns ``(carry, (pre_activation, state, output))``. Element ``b`` walks
-    ``t = 0 .. len_b - 1`` (``len_b - 1 .. 0`` with ``reverse``); its outputs at the other
+    ``t = 0 .. len_b - 1`` (``len_b - 1 .. 0`` with ``reverse``), its carry set back to
+    its ``carry0`` before each step ``t`` with ``resets[t, b]``; its outputs at the other
     steps stay zero and its final carry is the carry after its last step.
     """
     steps, batch = xs.shape[0], xs.shape[1:-1]
     lengths = _lengths(seq_lengths, batch, steps)
+    if resets is not None:
+        resets = np.asarray(resets, bool)
+        if resets.shape != (steps, *batch):
+            raise ValueError(f"resets has shape {resets.shape}, expected {(steps, *batch)}.")
     outs: list[Any] = [np.zeros((steps, *batch, size), xs.dtype) for size in out_sizes]
     finals = [np.array(c, copy=True) for c in carry0]
     for b in np.ndindex(*batch):
         carry = tuple(c[b].copy() for c in carry0)
         valid = range(int(lengths[b]))
         for t in reversed(valid) if reverse else valid:
+            if resets is not None and resets[(t, *b)]:
+                carry = tuple(c[b].copy() for c in carry0)
             carry, ys = step(carry, xs[(t, *b)])
             for out, y in zip(outs, ys, strict=True):
                 out[(t, *b)] = y
@@ -126,6 +134,7 @@ def numpy_unroll(
     activation: Callable[[np.ndarray], np.ndarray] = np.tanh,
     reverse: bool = False,
     seq_lengths: Any = None,
+    resets: Any = None,
 ) -> tuple[np.ndarray, StepOutput]:
     """The seed notebook's loop for an Elman cell, generalised to batches.
 
@@ -146,6 +155,9 @@ def numpy_unroll(
             ``reverse``, still ending at ``t = 0``): its outputs at ``t >= len_b`` are zero
             and its final state is the state after its last valid step (``state0`` when
             ``len_b == 0``), as with PyTorch's packed sequences.
+        resets: ``None``, or booleans ``(T, *batch)``: ``resets[t, b]`` sets element
+            ``b``'s state back to its ``state0`` before step ``t``; steps past ``len_b``
+            are not run, so their resets do nothing.
 
     Returns:
         ``(final_state, StepOutput)`` of numpy arrays stacked over time.
@@ -166,7 +178,8 @@ def numpy_unroll(
         return (state,), (pre, state, _readout(p, state))
 
     state = _state(state0, xs.shape[1:-1], hidden, dtype)
-    (final,), ys = _run(step, (state,), xs, (hidden, hidden, out_size), reverse, seq_lengths)
+    (final,), ys = _run(step, (state,), xs, (hidden, hidden, out_size), reverse, seq_lengths,
+                    resets)
     return final, ys
 
 
@@ -177,6 +190,7 @@ def numpy_gru_unroll(
     *,
     reverse: bool = False,
     seq_lengths: Any = None,
+    resets: Any = None,
 ) -> tuple[np.ndarray, StepOutput]:
     """PyTorch's ``nn.GRU`` equations as a plain loop, with an optional readout.
 
@@ -194,6 +208,7 @@ def numpy_gru_unroll(
         state0: ``(*batch, H)`` or broadcastable; zeros when ``None``.
         reverse: walk time backwards (outputs keep their time index).
         seq_lengths: ``None`` or per-example lengths, as in :func:`numpy_unroll`.
+        resets: ``None`` or per-step restarts, as in :func:`numpy_unroll`.
 
     Returns:
         ``(final_state, StepOutput(pre, h, output))`` of numpy arrays stacked over time.
@@ -220,7 +235,8 @@ def numpy_gru_unroll(
         return (h,), (pre, h, _readout(p, h))
 
     state = _state(state0, xs.shape[1:-1], hidden, dtype)
-    (final,), ys = _run(step, (state,), xs, (hidden, hidden, out_size), reverse, seq_lengths)
+    (final,), ys = _run(step, (state,), xs, (hidden, hidden, out_size), reverse, seq_lengths,
+                    resets)
     return final, ys
 
 
@@ -231,6 +247,7 @@ def numpy_lstm_unroll(
     *,
     reverse: bool = False,
     seq_lengths: Any = None,
+    resets: Any = None,
 ) -> tuple[tuple[np.ndarray, np.ndarray], StepOutput]:
     """PyTorch's ``nn.LSTM`` equations as a plain loop, with an optional readout.
 
@@ -248,6 +265,7 @@ def numpy_lstm_unroll(
             :class:`jax_rnn.LSTMState`), each ``(*batch, H)`` or broadcastable.
         reverse: walk time backwards (outputs keep their time index).
         seq_lengths: ``None`` or per-example lengths, as in :func:`numpy_unroll`.
+        resets: ``None`` or per-step restarts, as in :func:`numpy_unroll`.
 
     Returns:
         ``((h, c), StepOutput(a_g, h, output))``: the final carry as a plain tuple and
@@ -273,7 +291,8 @@ def numpy_lstm_unroll(
 
     batch = xs.shape[1:-1]
     carry0 = (_state(h0, batch, hidden, dtype), _state(c0, batch, hidden, dtype))
-    (h, c), ys = _run(step, carry0, xs, (hidden, hidden, out_size), reverse, seq_lengths)
+    (h, c), ys = _run(step, carry0, xs, (hidden, hidden, out_size), reverse, seq_lengths,
+                    resets)
     return (h, c), ys
 
 

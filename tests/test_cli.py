@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from jax_rnn._cli import main
 
@@ -55,3 +56,23 @@ def test_module_entry_point_defaults_to_demo():
     out = subprocess.run([sys.executable, "-m", "jax_rnn"], capture_output=True, text=True,
                          check=True).stdout
     assert "[0.53704957 0.46211716]" in out
+
+
+def test_bench_and_grad_reject_non_positive_sizes(capsys):
+    """`--matmul-size 0` used to mean the default 2048, `--budget -1` and `--input-scale -1`
+    ran; all are refused by the parser, before anything runs."""
+    for argv in (["bench", "--matmul-size", "0"], ["bench", "--budget=-1"],
+                 ["grad", "--input-scale=-1"], ["grad", "--input-scale", "nan"]):
+        with pytest.raises(SystemExit) as err:
+            main(argv)
+        assert err.value.code == 2
+        assert "expected a positive" in capsys.readouterr().err
+
+
+def test_demo_json_into_a_closed_pipe():
+    """`jax-rnn demo --json | head`: no BrokenPipeError traceback, exit status 0. The
+    reader here (`true`) is gone before Python has imported JAX, so every write fails."""
+    done = subprocess.run(["bash", "-c", "set -o pipefail; "
+                           f"'{sys.executable}' -m jax_rnn demo --json | true"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr

@@ -63,6 +63,38 @@ def test_seq_lengths_match_reference(problem, reverse):
         np.testing.assert_allclose(a, b, **tol(dtype))
 
 
+@settings(max_examples=10)
+@given(padded_problems(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_resets_with_seq_lengths_match_reference(problem, reverse, seed):
+    """Resets anywhere, also at steps past a sequence's end (padding, which leaves the
+    carry as it was, reset or not), on every path: the numpy loop's values, and the
+    gradients of ``impl="scan"``."""
+    name, params, xs, lengths, dtype = problem
+    cell, ref_unroll = CELLS[name]
+    rng = np.random.default_rng(seed)
+    resets = rng.random(xs.shape[:2]) < 0.3
+    resets[lengths[lengths < len(xs)], np.flatnonzero(lengths < len(xs))] = True  # padding
+    state0 = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(dtype),
+                          cell.initial_state(params, xs.shape[1:2]))
+    ref_final, ref = ref_unroll(params, np.float64(xs), *jax.tree.map(np.float64, (state0,)),
+                                reverse=reverse, seq_lengths=lengths, resets=resets)
+    kw = dict(seq_lengths=lengths, reverse=reverse, resets=resets)
+    for opts in (dict(impl="fused"), dict(impl="scan"), dict(impl="scan", method="deer")):
+        final, ys = jax_rnn.unroll(cell, params, xs, state0, **kw, **opts)
+        for field in ("pre_activation", "state", "output"):
+            np.testing.assert_allclose(getattr(ys, field), getattr(ref, field), **tol(dtype))
+        for a, b in zip(jax.tree.leaves(final), jax.tree.leaves(ref_final), strict=True):
+            np.testing.assert_allclose(a, b, **tol(dtype))
+
+    def loss(p, impl):
+        final, ys = jax_rnn.unroll(cell, p, xs, state0, impl=impl, **kw)
+        return jnp.sum(ys.output**2) + sum(jnp.sum(jnp.sin(f)) for f in jax.tree.leaves(final))
+
+    grads = [jax.grad(loss)(params, impl) for impl in ("fused", "scan")]
+    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
+        np.testing.assert_allclose(a, b, **tol(dtype))
+
+
 @settings(max_examples=5)
 @given(padded_problems(dtypes=(np.float64,)), st.booleans())
 def test_padding_never_influences_values_or_gradients(problem, reverse):
@@ -358,3 +390,36 @@ def test_user_cell_in_a_stack_keeps_integer_params():
         h2 = np.tanh(h1[t] @ second[0] + h2[second[1]])
         expect.append(h2)
     np.testing.assert_allclose(ys, np.stack(expect), rtol=1e-13)
+
+
+def test_stack_init_with_a_user_cell():
+    """``Stack.init`` learns a user cell's output size by tracing one step (shapes only),
+    and calls an ``init`` without a ``dtype`` keyword when no dtype is asked for; the
+    stack then computes the layers one after the other (numpy)."""
+
+    def init(key, input_size, hidden_size, output_size=None):  # no dtype keyword
+        w = jax.random.normal(key, (input_size + hidden_size, hidden_size), jnp.float64)
+        return {"w": w / np.sqrt(input_size + hidden_size)}
+
+    def step(p, carry, x):
+        new = jnp.tanh(jnp.concatenate([x, carry], -1) @ p["w"])
+        return new, jnp.concatenate([new, -new], -1)  # output: twice the hidden size
+
+    def initial_state(p, batch_shape=()):
+        return jnp.zeros((*batch_shape, p["w"].shape[1]), p["w"].dtype)
+
+    user = jax_rnn.Cell(init=init, step=step, initial_state=initial_state)
+    model = jax_rnn.stack([user, jax_rnn.gru])
+    params = model.init(jax.random.key(3), 2, [3, 4])
+    assert params[0]["w"].shape == (5, 3)
+    assert params[1].w_cell_input.shape == (6, 12)  # the user layer emits 2 * 3 features
+    xs = np.random.default_rng(3).normal(size=(6, 2, 2))
+    _, ys = jax_rnn.unroll(model, params, xs)
+    h, first = np.zeros((2, 3)), []
+    for t in range(6):
+        h = np.tanh(np.concatenate([xs[t], h], -1) @ np.asarray(params[0]["w"]))
+        first.append(np.concatenate([h, -h], -1))
+    _, ref = reference.numpy_gru_unroll(params[1], np.stack(first))
+    np.testing.assert_allclose(ys.output, ref.output, rtol=1e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="dtype"):  # asked for a dtype: the init must take it
+        model.init(jax.random.key(3), 2, [3, 4], dtype=np.float32)
