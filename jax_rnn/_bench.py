@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._experiments import _positive, _positive_float
+from ._argtypes import non_negative, positive, positive_float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,7 +150,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="timed samples per measurement, at most (default 7, 2 with --quick; the "
         "T=200 and T=10000 sizes take at most 3)")
     parser.add_argument(
-        "--budget", type=_positive_float, default=None,
+        "--budget", type=positive_float, default=None,
         help="seconds per measurement after which sampling stops once 3 samples are in "
         "(default 2.0)")
     parser.add_argument("--quick", action="store_true",
@@ -158,8 +158,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="jax-rnn-out/bench",
                         help="output folder (default ./jax-rnn-out/bench)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "float64"))
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and inputs")
-    parser.add_argument("--matmul-size", type=_positive, default=None,
+    parser.add_argument("--seed", type=non_negative, default=0,
+                        help="seed of the weights and inputs")
+    parser.add_argument("--matmul-size", type=positive, default=None,
                         help="N of the N x N matmul that measures the machine's throughput "
                         "(default 2048, 256 with --quick)")
     parser.add_argument(

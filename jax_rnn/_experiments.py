@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from ._argtypes import non_negative, output_folder, positive, positive_float
+
 DEFAULT_RADII = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5)
 DEFAULT_LENGTHS = (25, 50, 100)
 
@@ -44,18 +46,6 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not (value > 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,15 +55,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: 0.5,0.6,...,1.5)")
     parser.add_argument("--lengths", type=_ints, default=list(DEFAULT_LENGTHS),
                         help="sequence lengths T, comma-separated (default: 25,50,100)")
-    parser.add_argument("--hidden", type=_positive, default=32,
+    parser.add_argument("--hidden", type=positive, default=32,
                         help="hidden size H (default: 32)")
-    parser.add_argument("--batch", type=_positive, default=8,
+    parser.add_argument("--batch", type=positive, default=8,
                         help="sequences per setting; norms are averaged in log space "
                         "(default: 8)")
-    parser.add_argument("--input-scale", type=_positive_float, default=0.1,
+    parser.add_argument("--input-scale", type=positive_float, default=0.1,
                         help="standard deviation of the random inputs; larger inputs "
                         "saturate tanh (default: 0.1)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=non_negative, default=0,
+                        help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("jax-rnn-out") / "grad",
                         help="output folder (default: ./jax-rnn-out/grad)")
 
@@ -296,11 +287,10 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    out = output_folder(Path(args.out), "grad")
     doc = gradient_flow_sweep(args.radii, args.lengths, hidden_size=args.hidden,
                               batch_size=args.batch, input_scale=args.input_scale,
                               seed=args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     pngs = plot(doc, out)
     json_path = out / "grad.json"
     json_path.write_text(json.dumps(doc, indent=1), encoding="utf-8")

@@ -16,26 +16,11 @@ from typing import Any
 
 import numpy as np
 
+from ._argtypes import non_negative, output_folder, positive, positive_float
+
 CELLS = ("elman", "gru", "lstm")
 BASELINE_LOSS = 1.0 / 6.0  # Var(u1 + u2) for u1, u2 ~ U(0, 1): always predicting 1
 EVAL_BATCH = 1024
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def _cells(text: str) -> list[str]:
@@ -52,19 +37,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``jax-rnn train``."""
     parser.add_argument("--cells", type=_cells, default=list(CELLS),
                         help="cells to train, comma-separated (default: elman,gru,lstm)")
-    parser.add_argument("--steps", type=_positive, default=400,
+    parser.add_argument("--steps", type=positive, default=400,
                         help="optimiser steps per run (default: 400)")
     parser.add_argument("--length", type=int, default=30,
                         help="sequence length T, at least 2 (default: 30)")
-    parser.add_argument("--batch", type=_positive, default=64,
+    parser.add_argument("--batch", type=positive, default=64,
                         help="sequences per step (default: 64)")
-    parser.add_argument("--hidden", type=_positive, default=32,
+    parser.add_argument("--hidden", type=positive, default=32,
                         help="hidden size H (default: 32)")
-    parser.add_argument("--lr", type=_positive_float, default=0.03,
+    parser.add_argument("--lr", type=positive_float, default=0.03,
                         help="Adam learning rate (default: 0.03)")
-    parser.add_argument("--clip", type=_positive_float, default=1.0,
+    parser.add_argument("--clip", type=positive_float, default=1.0,
                         help="max global gradient norm of the clipped runs (default: 1.0)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--seed", type=non_negative, default=0,
+                        help="random seed (default: 0)")
     parser.add_argument("--out", type=Path, default=Path("jax-rnn-out") / "train",
                         help="output folder (default: ./jax-rnn-out/train)")
     parser.add_argument("--no-progress", action="store_true",
@@ -299,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.length < 2:
         raise SystemExit(f"jax-rnn train: --length must be at least 2, got {args.length}")
+    out = output_folder(Path(args.out), "train")
     console = Console(stderr=True)
     progress = Progress(
         TextColumn("{task.description:<16}"), BarColumn(), MofNCompleteColumn(),
@@ -321,8 +308,6 @@ def run(args: argparse.Namespace) -> int:
                            batch_size=args.batch, hidden_size=args.hidden,
                            learning_rate=args.lr, clip=args.clip, seed=args.seed,
                            on_step=on_step)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     png = plot(doc, out)
     json_path = out / "train.json"
     json_path.write_text(json.dumps(doc, indent=1), encoding="utf-8")

@@ -251,7 +251,34 @@ def _jacobians_jit(
             exponent = exponent + shift
         return (g, exponent), _reduce(kind, log, g, exponent)
 
-    _, out = jax.lax.scan(back, (eye, exponent0), (before, xs), reverse=True)
+    def back_qr(acc: tuple[Array, Array, Array], inputs: Any,
+                ) -> tuple[tuple[Array, Array, Array], Array]:
+        # d s_T / d s_t = (R Q^T) * 2**exponent, R upper triangular, Q orthogonal (the
+        # product kept as QR factors, as for Lyapunov exponents: a plain product loses
+        # every singular value below the largest times the dtype's epsilon). One step:
+        # R Q^T J = R (Q^T J) = R (Q' R')^T ... written with M^T = Q' R' for M = Q^T J.
+        q, r, exponent = acc
+        carry, x = inputs
+
+        def step_state(s: Array) -> Array:
+            return flatten_state(step(_unflatten_like(carry, s), x)[0])
+
+        _, vjp = jax.vjp(step_state, flatten_state(carry))
+        qt = jnp.swapaxes(q, -1, -2)
+        m = jax.vmap(lambda row: vjp(row)[0], in_axes=nb, out_axes=nb)(qt)  # Q^T J
+        q, r_step = jnp.linalg.qr(jnp.swapaxes(m, -1, -2))
+        r = jnp.swapaxes(r_step @ jnp.swapaxes(r, -1, -2), -1, -2)  # the new R, transposed
+        peak = jnp.max(jnp.abs(r), axis=(-2, -1))
+        ok = jnp.isfinite(peak) & (peak > 0)
+        shift = jnp.where(ok, jnp.floor(jnp.log2(jnp.where(ok, peak, 1))), 0).astype(jnp.int32)
+        r = jnp.ldexp(r, -shift[..., None, None])
+        exponent = exponent + shift
+        return (q, r, exponent), _reduce(kind, log, r, exponent)
+
+    if kind == "singular":
+        _, out = jax.lax.scan(back_qr, (eye, eye, exponent0), (before, xs), reverse=True)
+    else:
+        _, out = jax.lax.scan(back, (eye, exponent0), (before, xs), reverse=True)
     return jnp.concatenate([out, last[None]], axis=0)
 
 
@@ -364,18 +391,24 @@ def jacobian_singular_values(
 ) -> Array:
     r"""The singular values of :math:`\partial s_T / \partial s_t` for ``t = 0 .. T``.
 
-    Computed inside the reverse scan like :func:`jacobian_norms` (an SVD of one
-    ``D x D`` product per step and example), so the Jacobians are never all held.
-    For a linear RNN they are the singular values of the powers of the recurrent matrix;
-    their logarithms divided by the distance tend to the Lyapunov exponents of the
-    trajectory.
+    Computed inside the reverse scan like :func:`jacobian_norms`, so the Jacobians are
+    never all held: the product is kept as the factors of a QR decomposition, updated by
+    one ``D x D`` QR per step and example (as Lyapunov exponents are computed), and the
+    singular values are those of its triangular factor. Each singular value keeps its
+    own relative precision however far it is below the largest (a plain product keeps
+    only those within the dtype's epsilon of it), down to the dtype's smallest number
+    times the largest (about ``1e-38`` in float32, ``1e-308`` in float64); smaller ones
+    come back as 0 (``-inf`` with ``log``). For a linear RNN they are the singular
+    values of the powers of the recurrent matrix; their logarithms divided by the
+    distance tend to the Lyapunov exponents of the trajectory.
 
     Args:
         cell: a :class:`~jax_rnn.Cell` or a :func:`~jax_rnn.stack` of cells.
         params: the model's params.
         xs: inputs shaped ``(T, *batch, I)``.
         state0: the initial carry (zeros when ``None``).
-        log: return natural logarithms (no overflow, as for :func:`jacobian_norms`).
+        log: return natural logarithms (the largest never overflows, as for
+            :func:`jacobian_norms`).
 
     Returns:
         an array shaped ``(T + 1, *batch, D)``, each row in descending order.

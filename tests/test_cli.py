@@ -61,12 +61,30 @@ def test_module_entry_point_defaults_to_demo():
 def test_bench_and_grad_reject_non_positive_sizes(capsys):
     """`--matmul-size 0` used to mean the default 2048, `--budget -1` and `--input-scale -1`
     ran; all are refused by the parser, before anything runs."""
-    for argv in (["bench", "--matmul-size", "0"], ["bench", "--budget=-1"],
-                 ["grad", "--input-scale=-1"], ["grad", "--input-scale", "nan"]):
+    for argv, expected in ((["bench", "--matmul-size", "0"], "a positive integer"),
+                           (["bench", "--budget=-1"], "a positive number"),
+                           (["bench", "--seed=-1"], "an integer >= 0"),
+                           (["grad", "--input-scale=-1"], "a positive number"),
+                           (["grad", "--input-scale", "nan"], "a positive number"),
+                           (["train", "--lr", "inf"], "a positive number"),
+                           (["train", "--clip", "inf"], "a positive number"),
+                           (["train", "--seed=-1"], "an integer >= 0")):
         with pytest.raises(SystemExit) as err:
             main(argv)
         assert err.value.code == 2
-        assert "expected a positive" in capsys.readouterr().err
+        assert f"expected {expected}" in capsys.readouterr().err, argv
+
+
+def test_a_bad_out_folder_fails_before_the_work(tmp_path):
+    """`--out` under a file: refused at once with the path in the message (it used to fail
+    after the whole sweep or training, with a traceback)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for command in (["grad", "--lengths", "2", "--radii", "1"],
+                    ["train", "--cells", "elman", "--steps", "1", "--length", "2"]):
+        with pytest.raises(SystemExit, match=rf"jax-rnn {command[0]}: cannot use --out "
+                           rf"'{blocker}/x'"):
+            main([*command, "--out", str(blocker / "x")])
 
 
 def test_demo_json_into_a_closed_pipe():

@@ -233,6 +233,32 @@ def test_norms_and_singular_values_match_numpy(name):
     np.testing.assert_allclose(log_sv, np.log(svals), rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize(("dtype", "steps"), [(np.float32, 20), (np.float64, 60)])
+def test_small_singular_values_keep_their_precision(dtype, steps):
+    """A symmetric W with eigenvalues 2 and 1/2: W^k has singular values 2^k and 2^-k
+    exactly. Their ratio passes 1/eps (float32: 2^40 at k=20; float64: 2^120 at k=60),
+    where a plain product of the Jacobians kept nothing of the smaller one (a review
+    found -4.29 for -13.86 in float32). Far past the dtype's range the smaller one is 0
+    (-inf as a logarithm), as documented; the largest stays exact."""
+    c, s = np.cos(0.3), np.sin(0.3)
+    rot = np.array([[c, -s], [s, c]])
+    w = rot @ np.diag([2.0, 0.5]) @ rot.T
+    params = jax_rnn.ElmanParams(w_cell_state=jnp.asarray(w, dtype),
+                                 w_cell_input=jnp.zeros((1, 2), dtype), b_cell=None)
+    k = np.arange(steps, -1, -1) * np.log(2.0)
+    with jax.enable_x64(dtype == np.float64):
+        got = gradients.jacobian_singular_values(LINEAR, params, np.zeros((steps, 1), dtype),
+                                                 log=True)
+        assert got.dtype == dtype
+        np.testing.assert_allclose(got, np.stack([k, -k], -1), rtol=5 * np.finfo(dtype).eps,
+                                   atol=50 * np.finfo(dtype).eps)
+        far = 200 if dtype == np.float32 else 1200
+        got = gradients.jacobian_singular_values(LINEAR, params, np.zeros((far, 1), dtype),
+                                                 log=True)
+    np.testing.assert_allclose(got[0, 0], far * np.log(2.0), rtol=1e-6)
+    assert got[0, 1] == -np.inf
+
+
 def jac_size(name):
     return references(name)["final"].shape[-1]
 
