@@ -205,6 +205,11 @@ def _warm_up(call: Callable[[], Any], compiles: bool = False,
     return first, inner, result
 
 
+def _pause() -> None:
+    """Lets spinning threads of a library's pool go idle (``COOL_DOWN_S``)."""
+    time.sleep(COOL_DOWN_S)
+
+
 def _sample(call: Callable[[], Any], inner: int) -> float:
     t0 = time.perf_counter()
     for _ in range(inner):
@@ -260,7 +265,7 @@ def _sample_interleaved(calls: list[tuple[Callable[[], Any], int]], repeats: int
     times: list[list[float]] = [[] for _ in calls]
     spins = list(spinning) or [False] * len(calls)
     orders = _round_orders(len(calls))
-    time.sleep(COOL_DOWN_S)
+    _pause()
     start, paused = time.perf_counter(), 0.0
     for done in range(1, repeats + 1):
         for k in orders[(done - 1) % len(orders)]:
@@ -269,7 +274,7 @@ def _sample_interleaved(calls: list[tuple[Callable[[], Any], int]], repeats: int
                 continue
             samples.append(_sample(call, inner))
             if spins[k] and samples[-1] >= COOL_DOWN_AFTER_S:
-                time.sleep(COOL_DOWN_S)
+                _pause()
                 paused += COOL_DOWN_S
         elapsed = time.perf_counter() - start - paused
         if done >= min(3, repeats) and elapsed > budget * len(calls):

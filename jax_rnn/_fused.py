@@ -743,8 +743,13 @@ def _fused_fwd(fc, reverse, unroll, compact, *args):  # noqa: ANN001
     # symbolic_zeros (defvjp below): each array comes with whether it is perturbed.
     w_in, b_in, w, b, xs, carry0, valid, resets, cut = (
         jax.custom_derivatives.custom_vjp_primal_tree_values(args))
-    # Whether the gradient of the inputs is wanted, as a residual: () where it is not.
-    xs_fixed = None if args[4].perturbed else ()
+    # Whether the gradient of the inputs is wanted, as a residual: the length of an empty
+    # or one-element array, 1 where it is not. Not as the residuals' tree structure (None
+    # against ()): JAX caches this rule's trace per pattern of perturbed arguments but
+    # unflattens a cached trace's residuals with the latest trace's structure, so a call
+    # that wanted the inputs' gradient after one that did not got zeros for it (silently;
+    # jax 0.10.2, cf. jax-ml/jax#16614). A leaf's shape travels with the cached trace.
+    xs_fixed = jnp.zeros((0 if args[4].perturbed else 1,), jnp.bool_)
     kernel = _kernel(fc, xs, carry0, w, (valid, resets, cut), (w_in, b_in, b),
                      one_sequence=compact)
     compact_forward = (_compact(fc, xs, carry0, (valid, resets, cut))
@@ -805,7 +810,8 @@ def _fused_bwd(fc, reverse, unroll, compact, res, cotangents):  # noqa: ANN001
     d_pre, d_state = _nonzero(d_pre), _nonzero(d_state)
     d_final = jax.tree.map(_instantiated, d_final)
     params = (w_in, b_in, w, b)
-    if (xs_fixed is not None and fc.kernel is not None and fc.kernel.grads is not None
+    if (xs_fixed is not None and xs_fixed.shape[-1] == 1 and fc.kernel is not None
+            and fc.kernel.grads is not None
             and _kernels.mode() == "cpu" and _native.FUSED_GRADS):
         # The forward loop ran as a kernel (xs_fixed is set only then) and the inputs'
         # gradient is not wanted: one kernel for the loop and the weight gradients (under

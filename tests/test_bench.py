@@ -314,34 +314,37 @@ def test_interleaved_sampling_follows_the_round_orders():
 
 
 def test_interleaved_sampling_pauses_after_spinning_libraries(monkeypatch):
-    """A sample of a call marked spinning is followed by COOL_DOWN_S of sleep where its
-    calls took at least COOL_DOWN_AFTER_S, and so is the start; other samples are not."""
-    import itertools
-    import time
-
+    """A sample of a call marked spinning is followed by a pause (COOL_DOWN_S of sleep)
+    where its calls took at least COOL_DOWN_AFTER_S, and so is the start; other samples
+    are not. The samples' durations are given, not measured, so that a busy machine
+    cannot move a call across the threshold."""
     from jax_rnn import _bench
 
-    monkeypatch.setattr(_bench, "COOL_DOWN_S", 0.1)
-    stamps: list[tuple[int, float, float]] = []
+    events: list = []
+    monkeypatch.setattr(_bench, "_pause", lambda: events.append("pause"))
+    durations = {0: 2e-3, 1: 0.0, 2: 2e-3, 3: 0.0}  # 0 and 1 spinning; 0 and 2 slow
+    monkeypatch.setattr(_bench, "_sample", lambda call, inner: call())
 
-    def timed(k, seconds):
-        def call():
-            t0 = time.perf_counter()
-            time.sleep(seconds)
-            stamps.append((k, t0, time.perf_counter()))
-        return call
+    def call(k):
+        def run():
+            events.append(k)
+            return durations[k]
+        return run
 
-    # 0: spinning and slow (2 ms calls), 1: spinning but fast, 2 and 3: not spinning
-    calls = [(timed(0, 2e-3), 1), (timed(1, 0.0), 1), (timed(2, 2e-3), 1), (timed(3, 0.0), 1)]
-    t_start = time.perf_counter()
-    _bench._sample_interleaved(calls, repeats=4, budget=1e9,
-                               spinning=[True, True, False, False])
-    assert stamps[0][1] - t_start >= 0.1  # the pause before the first round
-    gaps = {}
-    for (k, _, end), (_, start, _) in itertools.pairwise(stamps):
-        gaps.setdefault(k, []).append(start - end)
-    assert min(gaps[0]) >= 0.1  # after every sample of the slow spinning call
-    assert max(gaps[1] + gaps[2] + gaps[3]) < 0.05  # after none of the others
+    calls = [(call(k), 1) for k in range(4)]
+    times = _bench._sample_interleaved(calls, repeats=4, budget=1e9,
+                                       spinning=[True, True, False, False])
+    assert times == [[durations[k]] * 4 for k in range(4)]
+    assert events[0] == "pause"  # before the first round
+    samples = [e for e in events if e != "pause"]
+    assert sorted(samples) == sorted(list(range(4)) * 4)
+    for i, e in enumerate(events[1:], 1):  # a pause right after every sample of 0 only
+        if e == "pause":
+            assert events[i - 1] == 0, events
+        elif e == 0:
+            assert events[i + 1] == "pause", events
+    assert events.count("pause") == 1 + 4
+    assert _bench.COOL_DOWN_AFTER_S < 2e-3
 
 
 def test_unknown_config_is_an_error(tmp_path):

@@ -484,6 +484,34 @@ def test_cpu_kernels_left_out_where_xla_compiles_the_loop(monkeypatch, name, bat
         jax.clear_caches()
 
 
+@pytest.mark.parametrize("name", ["elman", "elman_relu", "gru", "lstm"])
+def test_inputs_gradient_after_a_call_that_did_not_want_it(native, name):
+    """A review's sequence: d/dxs, then d/dparams only, then d/dxs of a loss that reads
+    fewer outputs. The third gave zeros for the Elman cells (whose backward kernel skips
+    the inputs' gradient when it is not wanted): JAX reuses the forward rule's trace of
+    the first call with the residuals' tree structure of the second's, and that structure
+    carried the flag. Compared with impl="scan"."""
+    cell = getattr(jax_rnn, name)
+    params = cell.init(jax.random.key(0), 2, 3, dtype=jnp.float32)  # the kernels' dtype
+    xs = jax.random.normal(jax.random.key(1), (2, 4, 2), jnp.float32)
+
+    def loss(p, x, final_only=False, impl="fused"):
+        final, ys = jax_rnn.unroll(cell, p, x, impl=impl)
+        return sum(jnp.sum(f) for f in jax.tree.leaves(final)) + (
+            0.0 if final_only else jnp.sum(ys.state))
+
+    for jit in (False, True):
+        jax.clear_caches()
+        grad = (jax.jit(jax.grad(loss, argnums=1), static_argnums=(2, 3)) if jit
+                else jax.grad(loss, argnums=1))
+        grad(params, xs)  # 1. the inputs' gradient
+        (jax.jit(jax.grad(loss)) if jit else jax.grad(loss))(params, xs)  # 2. params only
+        got = grad(params, xs, True)  # 3. the inputs' again, another loss
+        want = jax.grad(loss, argnums=1)(params, xs, True, "scan")
+        assert float(jnp.max(jnp.abs(want))) > 0.1
+        np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6)
+
+
 def test_cpu_kernel_thread_count(native):
     """A loop is shared by one more thread per 2^15 multiply-adds of a step, at most one
     per panel and the pool's size (the edge cases above rely on it)."""
