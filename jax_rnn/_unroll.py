@@ -378,6 +378,18 @@ def _take_time(tree: Any, idx: Array) -> Any:
     return jax.tree.map(lambda a: jnp.take_along_axis(a, _bcast(idx, a), axis=0), tree)
 
 
+def _episode_ends(resets: Array, lengths: Array | None) -> Array:
+    """Where a backward run restarts its carry: before step ``t - 1`` where
+    ``resets[t]`` (an episode starts at ``t``, so one ends at ``t - 1``), never past a
+    sequence's end."""
+    r = resets.astype(bool)
+    ends = jnp.concatenate([r[1:], jnp.zeros_like(r[:1])])
+    if lengths is not None:
+        t = jnp.arange(r.shape[0]).reshape((-1,) + (1,) * lengths.ndim)
+        ends = ends & (t + 1 < lengths)
+    return ends
+
+
 def _run_cell(
     cell: Any,
     params: Any,
@@ -398,6 +410,8 @@ def _run_cell(
         return final, ys, _empty_info(opts, carry0)
     if lengths is not None:  # checked where concrete; under jit, out-of-range values clip
         lengths = jnp.clip(lengths, 0, length)
+    if resets is not None and reverse:
+        resets = _episode_ends(resets, lengths)
     perm = None
     if lengths is not None and reverse:
         perm = prefix_reverse_index(lengths, length)
@@ -731,10 +745,13 @@ def unroll(
         reverse: run from the last step to the first; outputs stay at their time index.
         time_major: ``False`` for batch-major inputs ``(*batch, T, I)`` as Flax and Keras
             take them; outputs then come back batch-major too.
-        resets: booleans shaped like ``xs`` without the feature axis. Where
-            ``resets[t, b]`` is true, sequence ``b``'s carry restarts from ``state0``
-            (zeros if ``None``) before step ``t``: several episodes packed in one
-            sequence, as Haiku's ``ResetCore``.
+        resets: booleans shaped like ``xs`` without the feature axis: ``resets[t, b]``
+            marks that step ``t`` of sequence ``b`` starts an episode (several packed in
+            one sequence, as Haiku's ``ResetCore``), and the carry restarts from
+            ``state0`` (zeros if ``None``) at each boundary: before step ``t``, or with
+            ``reverse=True`` (and in a bidirectional layer's backward direction), which
+            meets the boundary from the other side, before step ``t - 1``. No state
+            crosses an episode boundary either way.
         remat: ``True`` or a chunk size ``k`` checkpoints the scan (:func:`jax.checkpoint`)
             in chunks of ``k`` steps (``ceil(sqrt(T))`` for ``True``): the backward pass
             stores one carry per chunk and recomputes each chunk, so its memory grows as

@@ -95,8 +95,9 @@ def _run(
     ``carry0`` holds arrays shaped ``(*batch, H)``; ``step(carry, x)`` works on one
     example and returns ``(carry, (pre_activation, state, output))``. Element ``b`` walks
     ``t = 0 .. len_b - 1`` (``len_b - 1 .. 0`` with ``reverse``), its carry set back to
-    its ``carry0`` before each step ``t`` with ``resets[t, b]``; its outputs at the other
-    steps stay zero and its final carry is the carry after its last step.
+    its ``carry0`` where an episode starts (``resets[t, b]``): before step ``t``, or with
+    ``reverse`` before step ``t - 1``; its outputs at the other steps stay zero and its
+    final carry is the carry after its last step.
     """
     steps, batch = xs.shape[0], xs.shape[1:-1]
     lengths = _lengths(seq_lengths, batch, steps)
@@ -110,7 +111,10 @@ def _run(
         carry = tuple(c[b].copy() for c in carry0)
         valid = range(int(lengths[b]))
         for t in reversed(valid) if reverse else valid:
-            if resets is not None and resets[(t, *b)]:
+            # an episode starts at each reset: forwards, restart before it; backwards,
+            # before the last step of the episode before it
+            start = t + 1 if reverse else t
+            if resets is not None and start in valid and resets[(start, *b)]:
                 carry = tuple(c[b].copy() for c in carry0)
             carry, ys = step(carry, xs[(t, *b)])
             for out, y in zip(outs, ys, strict=True):
@@ -155,9 +159,11 @@ def numpy_unroll(
             ``reverse``, still ending at ``t = 0``): its outputs at ``t >= len_b`` are zero
             and its final state is the state after its last valid step (``state0`` when
             ``len_b == 0``), as with PyTorch's packed sequences.
-        resets: ``None``, or booleans ``(T, *batch)``: ``resets[t, b]`` sets element
-            ``b``'s state back to its ``state0`` before step ``t``; steps past ``len_b``
-            are not run, so their resets do nothing.
+        resets: ``None``, or booleans ``(T, *batch)``: ``resets[t, b]`` starts an
+            episode at step ``t`` of element ``b``, whose state is set back to its
+            ``state0`` at the boundary: before step ``t``, or with ``reverse`` before
+            step ``t - 1``; steps past ``len_b`` are not run, so their resets do
+            nothing.
 
     Returns:
         ``(final_state, StepOutput)`` of numpy arrays stacked over time.
