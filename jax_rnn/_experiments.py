@@ -46,8 +46,6 @@ def _ints(text: str) -> list[int]:
     return values
 
 
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``jax-rnn grad``."""
     parser.add_argument("--radii", type=_floats, default=list(DEFAULT_RADII),

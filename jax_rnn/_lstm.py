@@ -10,7 +10,7 @@ import numpy as np
 from jax import Array
 
 from . import _checks
-from ._elman import gated_init, readout
+from ._elman import gated_init, readout, state_zeros
 from ._types import Cell, StepOutput
 
 
@@ -224,9 +224,7 @@ def lstm_initial_state(params: LSTMParams, batch_shape: tuple[int, ...] = ()) ->
         >>> carry.h.shape, carry.c.shape
         ((2, 4), (2, 4))
     """
-    w = params.w_cell_state
-    zeros = jnp.zeros((*_checks.batch_tuple("jax_rnn.lstm.initial_state", batch_shape),
-                       w.shape[0]), w.dtype)
+    zeros = state_zeros(params, batch_shape)
     return LSTMState(h=zeros, c=zeros)
 
 

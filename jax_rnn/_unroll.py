@@ -209,7 +209,7 @@ def _check_seq_lengths(where: str, seq_lengths: Any, batch: tuple, length: int) 
         values = np.asarray(seq_lengths)
         if values.size and (values.min() < 0 or values.max() > length):
             raise ValueError(
-                f"`{where}`: `seq_lengths` must lie in [0, {length}] (the time axis), got "
+                f"`{where}`: `seq_lengths` must lie in [0, {length}] (the time axis of `xs`), got "
                 f"values from {values.min()} to {values.max()}."
             )
     return seq_lengths

@@ -25,7 +25,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from . import _checks
+from ._unroll import _check_seq_lengths
 
 __all__ = [
     "data_parallel_step",
@@ -277,25 +277,7 @@ def pad_batch(
     length = np.shape(first)[0 if time_major else 1]
     if seq_lengths is None:
         seq_lengths = np.full((batch,), length, np.int32)
-    shape, dtype = _checks.shape_dtype(where, "seq_lengths", seq_lengths)
-    if shape != (batch,):
-        raise ValueError(
-            f"`{where}`: `seq_lengths` has shape {shape}, expected ({batch},) "
-            "(one length per sequence of `xs`)."
-        )
-    if dtype.kind not in "iu":
-        raise TypeError(
-            f"`{where}`: `seq_lengths` has dtype {dtype}, expected integers; pass e.g. "
-            "`jnp.asarray(lengths, dtype=jnp.int32)`."
-        )
-    if not _checks.is_traced(seq_lengths) and getattr(seq_lengths, "is_fully_addressable",
-                                                      True):
-        values = np.asarray(seq_lengths)
-        if values.size and (values.min() < 0 or values.max() > length):
-            raise ValueError(
-                f"`{where}`: `seq_lengths` must lie in [0, {length}] (the time axis of "
-                f"`xs`), got values from {values.min()} to {values.max()}."
-            )
+    _check_seq_lengths(where, seq_lengths, (batch,), length)
     _check_batch(where, (xs, seq_lengths), time_major, 1)
     extra = -batch % int(multiple)
 

@@ -232,23 +232,29 @@ def _jacobians_jit(
         return last[None]
     rescale = kind != "matrix"
 
-    def back(acc: tuple[Array, Array], inputs: Any) -> tuple[tuple[Array, Array], Array]:
-        # acc = (d s_T / d s_t) * 2**-exponent; one step moves it to d s_T / d s_{t-1}.
-        g, exponent = acc
-        carry, x = inputs
+    def times_jacobian(rows: Array, carry: Any, x: Any) -> Array:
+        """``rows @ J``, ``J`` the Jacobian of the step from ``carry`` on ``x``."""
 
         def step_state(s: Array) -> Array:
             return flatten_state(step(_unflatten_like(carry, s), x)[0])
 
         _, vjp = jax.vjp(step_state, flatten_state(carry))
-        g = jax.vmap(lambda row: vjp(row)[0], in_axes=nb, out_axes=nb)(g)
-        if rescale:  # keep the product near 1 by powers of two: exact, and never overflows
-            peak = jnp.max(jnp.abs(g), axis=(-2, -1))
-            ok = jnp.isfinite(peak) & (peak > 0)
-            shift = jnp.where(ok, jnp.floor(jnp.log2(jnp.where(ok, peak, 1))), 0)
-            shift = shift.astype(jnp.int32)
-            g = jnp.ldexp(g, -shift[..., None, None])
-            exponent = exponent + shift
+        return jax.vmap(lambda row: vjp(row)[0], in_axes=nb, out_axes=nb)(rows)
+
+    def near_one(m: Array, exponent: Array) -> tuple[Array, Array]:
+        """``m`` scaled by a power of two to a largest entry in [1, 2), the power added
+        to ``exponent``: exact, and the product never overflows."""
+        peak = jnp.max(jnp.abs(m), axis=(-2, -1))
+        ok = jnp.isfinite(peak) & (peak > 0)
+        shift = jnp.where(ok, jnp.floor(jnp.log2(jnp.where(ok, peak, 1))), 0).astype(jnp.int32)
+        return jnp.ldexp(m, -shift[..., None, None]), exponent + shift
+
+    def back(acc: tuple[Array, Array], inputs: Any) -> tuple[tuple[Array, Array], Array]:
+        # acc = (d s_T / d s_t) * 2**-exponent; one step moves it to d s_T / d s_{t-1}.
+        g, exponent = acc
+        g = times_jacobian(g, *inputs)
+        if rescale:
+            g, exponent = near_one(g, exponent)
         return (g, exponent), _reduce(kind, log, g, exponent)
 
     def back_qr(acc: tuple[Array, Array, Array], inputs: Any,
@@ -258,21 +264,10 @@ def _jacobians_jit(
         # every singular value below the largest times the dtype's epsilon). One step:
         # R Q^T J = R (Q^T J) = R (Q' R')^T ... written with M^T = Q' R' for M = Q^T J.
         q, r, exponent = acc
-        carry, x = inputs
-
-        def step_state(s: Array) -> Array:
-            return flatten_state(step(_unflatten_like(carry, s), x)[0])
-
-        _, vjp = jax.vjp(step_state, flatten_state(carry))
-        qt = jnp.swapaxes(q, -1, -2)
-        m = jax.vmap(lambda row: vjp(row)[0], in_axes=nb, out_axes=nb)(qt)  # Q^T J
+        m = times_jacobian(jnp.swapaxes(q, -1, -2), *inputs)  # Q^T J
         q, r_step = jnp.linalg.qr(jnp.swapaxes(m, -1, -2))
         r = jnp.swapaxes(r_step @ jnp.swapaxes(r, -1, -2), -1, -2)  # the new R, transposed
-        peak = jnp.max(jnp.abs(r), axis=(-2, -1))
-        ok = jnp.isfinite(peak) & (peak > 0)
-        shift = jnp.where(ok, jnp.floor(jnp.log2(jnp.where(ok, peak, 1))), 0).astype(jnp.int32)
-        r = jnp.ldexp(r, -shift[..., None, None])
-        exponent = exponent + shift
+        r, exponent = near_one(r, exponent)
         return (q, r, exponent), _reduce(kind, log, r, exponent)
 
     if kind == "singular":
