@@ -659,7 +659,10 @@ def from_keras(
     layers convert one layer at a time; combine the results with
     :func:`jax_rnn.bidirectional` (Keras's ``merge_mode="concat"`` puts forward
     first, as jax_rnn does) and :func:`jax_rnn.stack`. Keras inputs are batch-major:
-    unroll them with ``time_major=False``.
+    unroll them with ``time_major=False``. A layer with ``go_backwards=True`` is
+    ``unroll(..., reverse=True)``, except that Keras returns the outputs in processing
+    order, reversed in time, where ``unroll`` keeps each at its time index: Keras's
+    sequence is ``ys.output[..., ::-1, :]`` (the final states are the same).
 
     Args:
         kind: ``"SimpleRNN"``, ``"GRU"`` or ``"LSTM"``.

@@ -30,10 +30,9 @@ The output is deterministic: every module and array comes from a fixed seed.
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import pathlib
 
+import _fixtures  # beside this script
 import numpy as np
 import torch
 
@@ -45,7 +44,6 @@ KINDS = {  # file tag -> (nn class name, nonlinearity)
     "gru": ("GRU", None),
     "lstm": ("LSTM", None),
 }
-DATA = pathlib.Path(__file__).resolve().parent.parent / "tests" / "data"
 
 
 def _module(mode: str, nonlinearity: str | None, num_layers: int, bidirectional: bool):
@@ -126,19 +124,14 @@ def make(tag: str, num_layers: int, bidirectional: bool, seed: int) -> dict[str,
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=pathlib.Path, default=DATA, help="output folder")
-    args = parser.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
+    out = _fixtures.output_folder(__doc__.splitlines()[0])
     torch.use_deterministic_algorithms(True)
     total = 0
     configs = itertools.product(KINDS, (1, 2), (False, True))
     for seed, (tag, num_layers, bidirectional) in enumerate(configs):
         arrays = make(tag, num_layers, bidirectional, seed=1000 + 17 * seed)
         name = f"torch_{tag}_l{num_layers}_{'bi' if bidirectional else 'uni'}.npz"
-        path = args.out / name
-        np.savez_compressed(path, **arrays)
-        size = path.stat().st_size
+        size = _fixtures.save(out, name, arrays)
         total += size
         n_sd = sum(k.startswith("sd/") for k in arrays)
         print(
@@ -146,7 +139,7 @@ def main() -> None:
             f"h_n {arrays['packed/h_n'].shape}  "
             f"|out|max {np.abs(arrays['packed/output']).max():.3f}  {size / 1024:.1f} KiB"
         )
-    print(f"torch {torch.__version__}; {total / 1024:.1f} KiB in {args.out}")
+    print(f"torch {torch.__version__}; {total / 1024:.1f} KiB in {out}")
 
 
 if __name__ == "__main__":

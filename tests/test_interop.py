@@ -7,12 +7,17 @@
 * Live modules: the same comparison on freshly drawn modules, when torch is importable
   (only those tests are skipped without it).
 * Keras: ``from_keras`` against a numpy loop written from Keras's documented equations,
-  in Keras's own gate order, so a wrong reordering cannot pass.
+  in Keras's own gate order, so a wrong reordering cannot pass; against Keras's own
+  numbers in golden fixtures, ``tests/data/keras_*.npz``, written by
+  ``scripts/make_keras_fixtures.py`` (Keras 3, JAX backend, float32: ``SimpleRNN`` tanh
+  and relu, ``GRU``, ``LSTM``, with and without bias, ``go_backwards`` False and True);
+  and against live Keras layers when keras is importable.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import pathlib
 from typing import Any
 
@@ -29,6 +34,11 @@ from jax_rnn import interop
 DATA = pathlib.Path(__file__).resolve().parent / "data"
 FIXTURES = sorted(DATA.glob("torch_*.npz"))
 KINDS = ("rnn_tanh", "rnn_relu", "gru", "lstm")
+KERAS_FIXTURES = sorted(DATA.glob("keras_*.npz"))
+KERAS_TAGS = ("simple_rnn_tanh", "simple_rnn_relu", "gru", "lstm")
+KERAS_RUNS = ("forward", "forward_state0", "go_backwards", "go_backwards_state0")
+# Keras 3.15's variables meet numpy 2's __array__ protocol (not our concern).
+_KERAS_WARNING = "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
 
 
 def _load(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -572,6 +582,109 @@ def test_from_keras_errors():
         interop.from_keras("GRU", gru, activation="relu")
 
 
+# --------------------------------------------------------------------------- Keras fixtures
+
+
+def _keras_fixture_weights(fx: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """The list ``layer.get_weights()`` returned, in its order."""
+    return [fx[f"weights/{i}"] for i in range(sum(k.startswith("weights/") for k in fx))]
+
+
+def _keras_cell(kind: str, activation: str):
+    if kind == "SimpleRNN":
+        return jax_rnn.elman_relu if activation == "relu" else jax_rnn.elman
+    return {"GRU": jax_rnn.gru, "LSTM": jax_rnn.lstm}[kind]
+
+
+def _keras_unroll(kind, weights, xs, state0, *, activation, go_backwards, dtype):
+    """What a Keras layer returns with ``return_sequences=True, return_state=True``.
+
+    ``from_keras`` then ``unroll(time_major=False)``: Keras is batch-major. Keras's
+    ``go_backwards=True`` reads the sequence from its last step to its first, as
+    ``unroll(reverse=True)`` does, but returns the outputs in processing order (reversed
+    in time) where ``unroll`` keeps each at its time index: they are flipped back here.
+    ``state0`` is Keras's ``initial_state`` (``[h0]``, or ``[h0, c0]`` for an LSTM) or
+    ``None``. Returns ``[output (B, T, H), h (B, H)]`` and, for an LSTM, ``c``.
+    """
+    cell, params = interop.from_keras(kind, weights, activation=activation)
+    assert cell is _keras_cell(kind, activation)
+    params = jax.tree.map(lambda a: np.asarray(a, dtype), params)
+    if state0 is not None:
+        state0 = [np.asarray(s, dtype) for s in state0]
+        state0 = jax_rnn.LSTMState(*state0) if kind == "LSTM" else state0[0]
+    final, ys = jax_rnn.unroll(
+        cell, params, np.asarray(xs, dtype), state0, time_major=False, reverse=go_backwards
+    )
+    output = np.asarray(ys.output)
+    out = [output[:, ::-1] if go_backwards else output]
+    out += [np.asarray(s) for s in ((final.h, final.c) if kind == "LSTM" else (final,))]
+    assert all(a.dtype == dtype for a in out)
+    return out
+
+
+def test_keras_every_fixture_is_there():
+    names = {p.name for p in KERAS_FIXTURES}
+    want = {f"keras_{k}_{b}.npz" for k in KERAS_TAGS for b in ("bias", "nobias")}
+    assert names == want, "regenerate with `python scripts/make_keras_fixtures.py`"
+    assert sum(p.stat().st_size for p in KERAS_FIXTURES) < 100_000
+
+
+@pytest.mark.parametrize("path", KERAS_FIXTURES, ids=lambda p: p.stem)
+def test_keras_fixtures_are_what_they_say(path):
+    """Keras 3 on the JAX backend in float32; biases far from zero (the two GRU rows
+    apart); a final state that is the last output Keras returned, also with
+    ``go_backwards`` (whose outputs come in processing order, unlike unroll's); runs
+    that differ, so that swapping them cannot pass."""
+    fx = _load(path)
+    assert str(fx["meta/keras_version"]).startswith("3.") and str(fx["meta/backend"]) == "jax"
+    assert str(fx["meta/dtype"]) == "float32"
+    kind = str(fx["meta/kind"])
+    weights = _keras_fixture_weights(fx)
+    gates = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}[kind]
+    shapes = [(3, gates * 5), (5, gates * 5)]
+    if fx["meta/use_bias"]:
+        shapes.append((2, 15) if kind == "GRU" else (gates * 5,))
+        bias = weights[2]
+        assert np.abs(bias).min() > 1e-3 and np.abs(bias).mean() > 0.2
+        if kind == "GRU":
+            assert np.abs(bias[0] - bias[1]).min() > 1e-3
+    assert [w.shape for w in weights] == shapes
+    for key, value in fx.items():
+        if not key.startswith("meta/"):
+            assert value.dtype == np.float32, key
+    for run in KERAS_RUNS:
+        np.testing.assert_array_equal(fx[f"{run}/h"], fx[f"{run}/output"][:, -1])
+    for a, b in (("forward", "go_backwards"), ("forward", "forward_state0")):
+        assert np.abs(fx[f"{a}/output"] - fx[f"{b}/output"]).max() > 0.1, (a, b)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("path", KERAS_FIXTURES, ids=lambda p: p.stem)
+def test_keras_golden(path, dtype):
+    """Keras's outputs and final states (h, and c for the LSTM) to 1e-5, for all runs:
+    ``go_backwards`` False and True, from zeros and from ``initial_state``.
+
+    The fixtures are float32 (Keras's JAX backend cannot run these layers in float64),
+    so 1e-5 (about 100 float32 ulps of values of order 1) bounds Keras's rounding,
+    whether jax_rnn runs in float32 as Keras did or in float64 on the same weights.
+    """
+    fx = _load(path)
+    kind, activation = str(fx["meta/kind"]), str(fx["meta/activation"])
+    state0 = [fx["h0"], fx["c0"]] if kind == "LSTM" else [fx["h0"]]
+    for run in KERAS_RUNS:
+        got = _keras_unroll(
+            kind,
+            _keras_fixture_weights(fx),
+            fx["xs"],
+            state0 if run.endswith("_state0") else None,
+            activation=activation,
+            go_backwards=run.startswith("go_backwards"),
+            dtype=dtype,
+        )
+        for name, value in zip(("output", "h", "c"), got, strict=False):
+            _close(value, fx[f"{run}/{name}"], 1e-5, f"{run}/{name}")
+
+
 # --------------------------------------------------------------------------- live PyTorch
 
 
@@ -699,3 +812,109 @@ def test_live_torch_tensors_and_modules():
     lstm = torch.nn.LSTM(2, 4, proj_size=3)
     with pytest.raises(ValueError, match="proj_size"):
         interop.from_torch(lstm)
+
+
+# --------------------------------------------------------------------------- live Keras
+
+
+def _keras():
+    """keras (on the JAX backend unless ``KERAS_BACKEND`` names another), or a skip of
+    the live tests only (the golden fixtures still run)."""
+    os.environ.setdefault("KERAS_BACKEND", "jax")  # read when keras is first imported
+    return pytest.importorskip("keras")
+
+
+def _draw_keras_weights(kind, i, h, use_bias, rng):
+    """float32 weights shaped as ``layer.get_weights()`` returns them, random biases."""
+    width = {"SimpleRNN": 1, "GRU": 3, "LSTM": 4}[kind] * h
+    weights = [rng.normal(size=(i, width)), rng.normal(size=(h, width)) / np.sqrt(h)]
+    if use_bias:
+        weights.append(rng.normal(size=(2, width) if kind == "GRU" else (width,)))
+    return [w.astype(np.float32) for w in weights]
+
+
+@st.composite
+def _keras_configs(draw):
+    return dict(
+        tag=draw(st.sampled_from(KERAS_TAGS)),
+        use_bias=draw(st.booleans()),
+        go_backwards=draw(st.booleans()),
+        from_state0=draw(st.booleans()),
+        sizes=draw(
+            st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 4), st.integers(1, 4))
+        ),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+@pytest.mark.filterwarnings(_KERAS_WARNING)
+@settings(max_examples=4)
+@given(cfg=_keras_configs())
+def test_live_keras_layers(cfg):
+    """Fresh float32 Keras layers of drawn sizes: outputs and final states to 1e-5."""
+    keras = _keras()
+    kind = {"gru": "GRU", "lstm": "LSTM"}.get(cfg["tag"], "SimpleRNN")
+    activation = "relu" if cfg["tag"] == "simple_rnn_relu" else "tanh"
+    b, t, i, h = cfg["sizes"]
+    rng = np.random.default_rng(cfg["seed"])
+    extra = {"activation": activation} if kind == "SimpleRNN" else {}
+    layer = getattr(keras.layers, kind)(
+        h,
+        use_bias=cfg["use_bias"],
+        go_backwards=cfg["go_backwards"],
+        return_sequences=True,
+        return_state=True,
+        dtype="float32",
+        **extra,
+    )
+    layer.build((b, t, i))
+    layer.set_weights(_draw_keras_weights(kind, i, h, cfg["use_bias"], rng))
+    xs = rng.normal(size=(b, t, i)).astype(np.float32)
+    state0 = None
+    if cfg["from_state0"]:
+        state0 = [rng.normal(size=(b, h)).astype(np.float32) for _ in range(1 + (kind == "LSTM"))]
+    want = layer(xs) if state0 is None else layer(xs, initial_state=state0)
+    got = _keras_unroll(
+        kind,
+        layer.get_weights(),
+        xs,
+        state0,
+        activation=activation,
+        go_backwards=cfg["go_backwards"],
+        dtype=np.float32,
+    )
+    assert len(got) == len(want)
+    for name, g, w in zip(("output", "h", "c"), got, want, strict=False):
+        _close(g, keras.ops.convert_to_numpy(w), 1e-5, name)
+
+
+@pytest.mark.filterwarnings(_KERAS_WARNING)
+def test_live_keras_bidirectional():
+    """A Keras ``Bidirectional`` LSTM (``merge_mode="concat"``) is ``bidirectional(lstm)``
+    with ``BidirectionalParams(forward, backward)``: its backward layer runs with
+    ``go_backwards=True`` and Keras turns its outputs back into time order."""
+    keras = _keras()
+    rng = np.random.default_rng(0)
+    layer = keras.layers.Bidirectional(
+        keras.layers.LSTM(4, return_sequences=True, return_state=True, dtype="float32")
+    )
+    layer.build((2, 5, 3))
+    weights = _draw_keras_weights("LSTM", 3, 4, True, rng)
+    weights += _draw_keras_weights("LSTM", 3, 4, True, rng)
+    layer.set_weights(weights)
+    assert layer.backward_layer.go_backwards and not layer.forward_layer.go_backwards
+    xs = rng.normal(size=(2, 5, 3)).astype(np.float32)
+    output, h_fw, c_fw, h_bw, c_bw = map(keras.ops.convert_to_numpy, layer(xs))
+    cell, forward = interop.from_keras("LSTM", layer.forward_layer.get_weights())
+    _, backward = interop.from_keras("LSTM", layer.backward_layer.get_weights())
+    final, ys = jax_rnn.unroll(
+        jax_rnn.bidirectional(cell),
+        jax_rnn.BidirectionalParams(forward, backward),
+        xs,
+        time_major=False,
+    )
+    _close(ys.output, output, 1e-5, "output")
+    _close(final.forward.h, h_fw, 1e-5, "forward h")
+    _close(final.forward.c, c_fw, 1e-5, "forward c")
+    _close(final.backward.h, h_bw, 1e-5, "backward h")
+    _close(final.backward.c, c_bw, 1e-5, "backward c")
