@@ -19,14 +19,33 @@ from ._types import Cell, StepOutput
 
 
 class BidirectionalParams(NamedTuple):
-    """Params of a :func:`bidirectional` layer: one set per direction."""
+    """Params of a :func:`bidirectional` layer: one set per direction.
+
+    Example:
+        >>> model = jax_rnn.bidirectional(jax_rnn.gru)
+        >>> params = model.init(jax.random.key(0), 3, 4)
+        >>> params.forward.w_cell_state.shape, params.backward.w_cell_state.shape
+        ((4, 12), (4, 12))
+    """
 
     forward: Any
     backward: Any
 
 
 class BidirectionalState(NamedTuple):
-    """Carry of a :func:`bidirectional` layer: one carry per direction."""
+    """Carry of a :func:`bidirectional` layer: one carry per direction.
+
+    Example:
+        The backward direction's final carry is its state after reading ``xs[0]``:
+
+        >>> model = jax_rnn.bidirectional(jax_rnn.elman)
+        >>> params = model.init(jax.random.key(0), 3, 4)
+        >>> final, ys = jax_rnn.unroll(model, params, jnp.ones((6, 3)))
+        >>> bool(jnp.allclose(final.forward, ys.state[-1, :4]))
+        True
+        >>> bool(jnp.allclose(final.backward, ys.state[0, 4:]))
+        True
+    """
 
     forward: Any
     backward: Any
@@ -79,6 +98,17 @@ class Bidirectional(NamedTuple):
     Its step outputs are the two directions' outputs concatenated on the last axis
     (``[forward, backward]``, PyTorch's layout); its carry is a
     :class:`BidirectionalState`. Build it with :func:`bidirectional`.
+
+    Example:
+        The backward direction is the forward unroll of the reversed sequence:
+
+        >>> model = jax_rnn.bidirectional(jax_rnn.lstm)
+        >>> params = model.init(jax.random.key(0), 2, 3)
+        >>> xs = jax.random.normal(jax.random.key(1), (5, 2))
+        >>> _, ys = jax_rnn.unroll(model, params, xs)
+        >>> _, back = jax_rnn.unroll(jax_rnn.lstm, params.backward, xs[::-1])
+        >>> bool(jnp.allclose(ys.state[:, 3:], back.state[::-1], atol=1e-6))
+        True
     """
 
     forward: Any
@@ -115,6 +145,18 @@ class Stack(NamedTuple):
     carries. ``dropout`` is applied to the outputs of every layer but the last when
     :func:`jax_rnn.unroll` is given a ``dropout_key`` (training), and never otherwise.
     Build it with :func:`stack`.
+
+    Example:
+        Two layers are the second unrolled over the first one's outputs:
+
+        >>> model = jax_rnn.stack([jax_rnn.gru, jax_rnn.elman])
+        >>> params = model.init(jax.random.key(0), 3, 4, 2)
+        >>> xs = jax.random.normal(jax.random.key(1), (5, 3))
+        >>> _, ys = jax_rnn.unroll(model, params, xs)
+        >>> _, first = jax_rnn.unroll(jax_rnn.gru, params[0], xs)
+        >>> _, second = jax_rnn.unroll(jax_rnn.elman, params[1], first.output)
+        >>> bool(jnp.allclose(ys.output, second.output, atol=1e-6))
+        True
     """
 
     layers: tuple

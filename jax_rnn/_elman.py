@@ -28,6 +28,16 @@ class ElmanParams(NamedTuple):
         b_cell_state: an optional second pre-activation bias, ``(H,)``. PyTorch's
             ``nn.RNN`` keeps two (``bias_ih`` and ``bias_hh``); keeping both lets weights
             go to PyTorch and back unchanged. ``None`` (the default) in the notebook model.
+
+    Example:
+        >>> params = jax_rnn.ElmanParams(
+        ...     w_cell_state=jnp.eye(2), w_cell_input=jnp.ones((1, 2)), b_cell=jnp.zeros(2),
+        ...     w_output=jnp.ones((2, 1)), b_output=jnp.zeros(1))
+        >>> params.input_size, params.hidden_size, params.output_size
+        (1, 2, 1)
+        >>> state, out = jax_rnn.elman_step(params, jnp.zeros(2), jnp.array([0.5]))
+        >>> bool(jnp.allclose(out.state, jnp.tanh(0.5)))  # pre = 0 @ I + 0.5 * [1, 1]
+        True
     """
 
     w_cell_state: Array

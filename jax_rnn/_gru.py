@@ -30,6 +30,23 @@ class GRUParams(NamedTuple):
         w_output: readout weights, ``(H, O)``; ``None`` for a cell without readout,
             whose output is then the state itself.
         b_output: readout bias, ``(O,)``; ``None`` for no readout bias.
+
+    Example:
+        With zero weights and a recurrent bias that opens the update gate wide, the
+        state barely moves:
+
+        >>> hidden = 2
+        >>> bias = jnp.concatenate([jnp.zeros(hidden), jnp.full(hidden, 20.0),
+        ...                         jnp.zeros(hidden)])  # r, z, n
+        >>> params = jax_rnn.GRUParams(
+        ...     w_cell_input=jnp.zeros((1, 3 * hidden)),
+        ...     w_cell_state=jnp.zeros((hidden, 3 * hidden)),
+        ...     b_cell_input=jnp.zeros(3 * hidden), b_cell_state=bias)
+        >>> params.input_size, params.hidden_size, params.output_size
+        (1, 2, 2)
+        >>> h, _ = jax_rnn.gru_step(params, jnp.array([0.3, -0.4]), jnp.ones(1))
+        >>> bool(jnp.allclose(h, jnp.array([0.3, -0.4]), atol=1e-8))  # z = sigmoid(20)
+        True
     """
 
     w_cell_input: Array

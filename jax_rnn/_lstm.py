@@ -20,6 +20,13 @@ class LSTMState(NamedTuple):
     Attributes:
         h: the hidden state, ``(*batch, H)``; what the readout sees.
         c: the cell (memory) state, ``(*batch, H)``.
+
+    Example:
+        >>> params = jax_rnn.lstm.init(jax.random.key(0), 3, 4)
+        >>> carry = jax_rnn.LSTMState(h=jnp.zeros((2, 4)), c=jnp.ones((2, 4)))
+        >>> final, ys = jax_rnn.unroll(jax_rnn.lstm, params, jnp.ones((5, 2, 3)), carry)
+        >>> final.h.shape, final.c.shape, bool(jnp.allclose(final.h, ys.state[-1]))
+        ((2, 4), (2, 4), True)
     """
 
     h: Array
@@ -42,6 +49,24 @@ class LSTMParams(NamedTuple):
         w_output: readout weights, ``(H, O)``; ``None`` for a cell without readout,
             whose output is then ``h`` itself.
         b_output: readout bias, ``(O,)``; ``None`` for no readout bias.
+
+    Example:
+        An input gate shut and a forget gate open (biases of -20 and +20) keep the
+        memory ``c`` as it was, and ``h = sigmoid(0) * tanh(c)``:
+
+        >>> hidden = 2
+        >>> bias = jnp.concatenate([jnp.full(hidden, -20.0), jnp.full(hidden, 20.0),
+        ...                         jnp.zeros(2 * hidden)])  # i, f, g, o
+        >>> params = jax_rnn.LSTMParams(
+        ...     w_cell_input=jnp.zeros((1, 4 * hidden)),
+        ...     w_cell_state=jnp.zeros((hidden, 4 * hidden)),
+        ...     b_cell_input=bias, b_cell_state=None)
+        >>> carry0 = jax_rnn.LSTMState(h=jnp.zeros(hidden), c=jnp.array([1.0, -2.0]))
+        >>> carry, _ = jax_rnn.lstm_step(params, carry0, jnp.ones(1))
+        >>> bool(jnp.allclose(carry.c, carry0.c, atol=1e-8))
+        True
+        >>> bool(jnp.allclose(carry.h, 0.5 * jnp.tanh(carry0.c)))
+        True
     """
 
     w_cell_input: Array
