@@ -177,7 +177,7 @@ def _call(kernel: Callable[..., None], args: tuple[tuple[Array, str], ...],
         from jax.experimental.pallas import triton as plt
 
         params = plt.CompilerParams(num_warps=_NUM_WARPS, num_stages=1)
-    return pl.pallas_call(
+    run = pl.pallas_call(
         kernel,
         out_shape=tuple(jax.ShapeDtypeStruct(s, dtype) for s, _ in outs),
         grid=(args[0][0].shape[1],),
@@ -186,7 +186,24 @@ def _call(kernel: Callable[..., None], args: tuple[tuple[Array, str], ...],
         compiler_params=params,
         interpret=interpret,
         name="jax_rnn_elman",
-    )(*(a for a, _ in args))
+    )
+
+    # Under a jax.vmap Pallas adds the vmapped axis to the grid; a vmap over zero
+    # elements would launch (or, interpreted, slice) a grid of none, so it gets the
+    # empty results without a call.
+    @jax.custom_batching.custom_vmap
+    def call(*arrays: Array) -> tuple[Array, ...]:
+        return tuple(run(*arrays))
+
+    @call.def_vmap
+    def rule(size: int, batched: list[bool], *arrays: Array) -> tuple[Any, tuple[bool, ...]]:
+        if size == 0:
+            empty = tuple(jnp.zeros((0, *s), dtype) for s, _ in outs)
+            return empty, (True,) * len(outs)
+        in_axes = tuple(0 if b else None for b in batched)
+        return tuple(jax.vmap(run, in_axes)(*arrays)), (True,) * len(outs)
+
+    return call(*(a for a, _ in args))
 
 
 def _times(h: Array, w: Array) -> Array:

@@ -156,6 +156,35 @@ def test_kernel_edge_cases(kernels, relu, steps, batch, hidden, reverse):
 
 
 @pytest.mark.parametrize("setup", ["kernels", "native"])
+@pytest.mark.parametrize("cell", [jax_rnn.elman, jax_rnn.elman_relu])
+def test_kernels_with_no_batch_rows(setup, request, cell):
+    """A batch of zero rows, and a jax.vmap over zero sequences, give empty results and
+    zero gradients (a Pallas grid of none crashed: the second review of GPU paths); a
+    vmap over three sequences afterwards still runs the kernels and agrees with scan."""
+    request.getfixturevalue(setup)
+    params = cell.init(jax.random.key(0), 3, 8, 2, dtype=np.float32)
+
+    def loss(p, x):
+        return jnp.sum(jax_rnn.unroll(cell, p, x)[1].output)
+
+    final, ys = jax_rnn.unroll(cell, params, jnp.zeros((5, 0, 3), jnp.float32))
+    assert ys.output.shape == (5, 0, 2) and final.shape == (0, 8)
+    grads = jax.grad(loss)(params, jnp.zeros((5, 0, 3), jnp.float32))
+    assert all(not np.any(g) for g in jax.tree.leaves(grads))
+    per_sequence = jax.vmap(jax.value_and_grad(loss, argnums=1), in_axes=(None, 0))
+    values, d_xs = per_sequence(params, jnp.zeros((0, 5, 3), jnp.float32))
+    assert values.shape == (0,) and d_xs.shape == (0, 5, 3)
+
+    xs = np.random.default_rng(0).normal(size=(3, 5, 3)).astype(np.float32)
+    assert _uses_kernel(lambda x: per_sequence(params, x), xs)
+    values, d_xs = per_sequence(params, xs)
+    for impl_values, ref in zip((values, d_xs), jax.vmap(jax.value_and_grad(
+            lambda p, x: jnp.sum(jax_rnn.unroll(cell, p, x, impl="scan")[1].output),
+            argnums=1), in_axes=(None, 0))(params, xs), strict=True):
+        np.testing.assert_allclose(impl_values, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("setup", ["kernels", "native"])
 def test_kernel_backward_in_chunks(setup, request, monkeypatch):
     """On CPUs the backward pass runs in chunks of steps: the backward kernel then runs
     once per chunk (2 chunks of 3 steps and a remainder of 1 here)."""
