@@ -188,22 +188,32 @@ def _call(kernel: Callable[..., None], args: tuple[tuple[Array, str], ...],
         name="jax_rnn_elman",
     )
 
-    # Under a jax.vmap Pallas adds the vmapped axis to the grid; a vmap over zero
-    # elements would launch (or, interpreted, slice) a grid of none, so it gets the
-    # empty results without a call.
+    return _empty_safe(run)(*(a for a, _ in args))
+
+
+def _empty_safe(run: Callable[..., Any]) -> Callable[..., tuple[Array, ...]]:
+    """``run`` (a Pallas call) with its empty results, and no call, under a
+    :func:`jax.vmap` over zero elements: Pallas adds a vmapped axis to its grid, and a
+    grid of none fails (interpreted, its slices do). Each vmap of it is wrapped the same
+    way, so a vmap of size zero around other vmaps is caught too."""
+
     @jax.custom_batching.custom_vmap
     def call(*arrays: Array) -> tuple[Array, ...]:
         return tuple(run(*arrays))
 
     @call.def_vmap
     def rule(size: int, batched: list[bool], *arrays: Array) -> tuple[Any, tuple[bool, ...]]:
-        if size == 0:
-            empty = tuple(jnp.zeros((0, *s), dtype) for s, _ in outs)
-            return empty, (True,) * len(outs)
         in_axes = tuple(0 if b else None for b in batched)
-        return tuple(jax.vmap(run, in_axes)(*arrays)), (True,) * len(outs)
+        if size == 0:
+            element = [jax.ShapeDtypeStruct(a.shape[1:] if b else a.shape, a.dtype)
+                       for a, b in zip(arrays, batched, strict=True)]
+            empty = tuple(jnp.zeros((0, *r.shape), r.dtype)
+                          for r in jax.eval_shape(run, *element))
+            return empty, (True,) * len(empty)
+        results = _empty_safe(jax.vmap(run, in_axes))(*arrays)
+        return results, (True,) * len(results)
 
-    return call(*(a for a, _ in args))
+    return call
 
 
 def _times(h: Array, w: Array) -> Array:

@@ -158,9 +158,10 @@ def test_kernel_edge_cases(kernels, relu, steps, batch, hidden, reverse):
 @pytest.mark.parametrize("setup", ["kernels", "native"])
 @pytest.mark.parametrize("cell", [jax_rnn.elman, jax_rnn.elman_relu])
 def test_kernels_with_no_batch_rows(setup, request, cell):
-    """A batch of zero rows, and a jax.vmap over zero sequences, give empty results and
-    zero gradients (a Pallas grid of none crashed: the second review of GPU paths); a
-    vmap over three sequences afterwards still runs the kernels and agrees with scan."""
+    """A batch of zero rows, and a jax.vmap over zero sequences (also around another
+    vmap), give empty results and zero gradients (a Pallas grid of none crashed: a
+    review of the GPU paths); a vmap over three sequences afterwards still runs the
+    kernels and agrees with scan."""
     request.getfixturevalue(setup)
     params = cell.init(jax.random.key(0), 3, 8, 2, dtype=np.float32)
 
@@ -174,6 +175,9 @@ def test_kernels_with_no_batch_rows(setup, request, cell):
     per_sequence = jax.vmap(jax.value_and_grad(loss, argnums=1), in_axes=(None, 0))
     values, d_xs = per_sequence(params, jnp.zeros((0, 5, 3), jnp.float32))
     assert values.shape == (0,) and d_xs.shape == (0, 5, 3)
+    nested = jax.vmap(jax.vmap(lambda x: jax_rnn.unroll(cell, params, x)[1].output))
+    for empty in ((0, 4, 5, 3), (4, 0, 5, 3)):  # the vmap of size zero outside, inside
+        assert nested(jnp.zeros(empty, jnp.float32)).shape == (*empty[:3], 2)
 
     xs = np.random.default_rng(0).normal(size=(3, 5, 3)).astype(np.float32)
     assert _uses_kernel(lambda x: per_sequence(params, x), xs)
