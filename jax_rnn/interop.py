@@ -50,6 +50,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from . import _checks
 from ._compose import (
     BidirectionalParams,
     BidirectionalState,
@@ -71,6 +72,8 @@ __all__ = [
 
 _GATES = {1: "RNN", 3: "GRU", 4: "LSTM"}
 _KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh|weight_hr)_l(\d+)(_reverse)?$")
+# nn.RNNCell / nn.GRUCell / nn.LSTMCell: one layer's keys without the `_l0` suffix.
+_CELL_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 _CELL_PARAMS = (ElmanParams, GRUParams, LSTMParams)
 _RNN_CELLS = {"tanh": elman, "relu": elman_relu}
 
@@ -84,22 +87,49 @@ def _to_numpy(where: str, name: str, value: Any) -> Any:
     Typed ``Any``: the params NamedTuples annotate their fields as ``jax.Array``, and
     these numpy arrays stand in for them.
     """
-    if hasattr(value, "detach") and hasattr(value, "cpu"):
-        try:
-            value = value.detach().cpu().numpy()
-        except TypeError as err:  # e.g. bfloat16, which numpy lacks
-            raise TypeError(
-                f"`{where}`: `{name}` could not be converted to numpy ({err}); cast the "
-                "module first, e.g. `module.float()` or `module.double()`."
-            ) from None
-    out = np.array(value, copy=True)
-    if out.dtype.kind != "f":
-        raise TypeError(f"`{where}`: `{name}` has dtype {out.dtype}, expected floats.")
+    if value is None:
+        raise TypeError(f"`{where}`: `{name}` is None, expected an array of floats.")
+    out = np.array(_detached(where, name, value), copy=True)
+    if not _checks.is_float(out.dtype):
+        raise TypeError(
+            f"`{where}`: `{name}` has dtype {out.dtype}, expected a floating-point array "
+            "(float16, bfloat16, float32 or float64)."
+        )
     return out
 
 
+def _detached(where: str, name: str, value: Any) -> Any:
+    """A torch tensor (duck-typed: ``detach`` and ``cpu``) as numpy, anything else as it
+    is; also one that requires grad or lives on a GPU."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        try:
+            return value.detach().cpu().numpy()
+        except TypeError as err:  # e.g. bfloat16, which numpy lacks
+            raise TypeError(
+                f"`{where}`: `{name}` could not be converted to numpy ({err}); cast it "
+                "first, e.g. `module.float()` or `tensor.float()`."
+            ) from None
+    return value
+
+
 def _state_dict_of(where: str, obj: Any) -> tuple[dict[str, np.ndarray], Any]:
-    """``(numpy state dict, module or None)`` from a module or a mapping."""
+    """``(numpy state dict, module or None)`` from a module or a mapping. A module
+    wrapped by ``torch.compile`` (``_orig_mod``) or ``nn.DataParallel`` /
+    ``DistributedDataParallel`` (``module``) is unwrapped; the keys of an ``nn.RNNCell``,
+    ``nn.GRUCell`` or ``nn.LSTMCell`` get the ``_l0`` suffix of a one-layer module."""
+    if isinstance(obj, type):
+        raise TypeError(
+            f"`{where}`: got the class {obj.__name__}, expected a module (an instance, "
+            f"e.g. `{obj.__name__}(input_size, hidden_size)`) or its state dict."
+        )
+    while True:
+        if hasattr(obj, "_orig_mod"):  # torch.compile's OptimizedModule
+            obj = obj._orig_mod
+        elif type(obj).__name__ in ("DataParallel", "DistributedDataParallel") and hasattr(
+                obj, "module"):
+            obj = obj.module
+        else:
+            break
     module = None
     if callable(getattr(obj, "state_dict", None)):
         module, obj = obj, obj.state_dict()
@@ -108,7 +138,10 @@ def _state_dict_of(where: str, obj: Any) -> tuple[dict[str, np.ndarray], Any]:
             f"`{where}`: expected an nn.RNN/nn.GRU/nn.LSTM module or its state dict (a "
             f"mapping from names to tensors or arrays), got {type(obj).__name__}."
         )
-    return {str(k): _to_numpy(where, str(k), v) for k, v in obj.items()}, module
+    sd = {str(k): _to_numpy(where, str(k), v) for k, v in obj.items()}
+    if sd and set(sd) <= set(_CELL_KEYS) and {"weight_ih", "weight_hh"} <= set(sd):
+        sd = {f"{k}_l0": v for k, v in sd.items()}
+    return sd, module
 
 
 def _expected_keys(num_layers: int, directions: int, bias: bool) -> list[str]:
@@ -117,19 +150,28 @@ def _expected_keys(num_layers: int, directions: int, bias: bool) -> list[str]:
     return [f"{n}_l{k}{s}" for k in range(num_layers) for s in suffixes for n in names]
 
 
-def _prefix_hint(keys: Sequence[str]) -> str:
-    tails = [k.rsplit(".", 1) for k in keys if "." in k]
-    if tails and all(_KEY.match(t[1]) for t in tails):
-        prefix = tails[0][0] + "."
-        return (
-            f"; the keys carry a prefix ({prefix!r}): pass the recurrent module itself, "
-            f"or strip it: `{{k.removeprefix({prefix!r}): v for k, v in sd.items()}}`"
-        )
-    return ""
+def _prefix_hint(keys: Sequence[str], module: bool) -> str:
+    """How to pick one recurrent module's keys out of a bigger state dict, if ``keys``
+    hold any (a whole model's state dict, or a model passed as the module)."""
+    prefixes = sorted({t[0] + "." for t in (k.rsplit(".", 1) for k in keys if "." in k)
+                       if _KEY.match(t[1])})
+    if not prefixes:
+        return ""
+    if module:
+        paths = " or ".join(f"`from_torch(model.{p[:-1]})`" for p in prefixes)
+        return f"; this is a bigger model: pass its recurrent module, {paths}"
+    p = prefixes[0]
+    which = f" (one of {prefixes})" if len(prefixes) > 1 else ""
+    return (
+        f"; the recurrent module's keys carry a prefix{which}: pick them out, "
+        f"`{{k[len({p!r}):]: v for k, v in sd.items() if k.startswith({p!r})}}`"
+    )
 
 
-def _structure(where: str, sd: dict[str, np.ndarray]) -> tuple[str, int, int, bool, int, int]:
-    """``(kind, num_layers, directions, bias, input_size, hidden_size)`` of a state dict."""
+def _structure(where: str, sd: dict[str, np.ndarray],
+               module: bool = False) -> tuple[str, int, int, bool, int, int]:
+    """``(kind, num_layers, directions, bias, input_size, hidden_size)`` of a state dict
+    (``module``: it came from a module, for the messages)."""
     keys = list(sd)
     if any(m and m.group(1) == "weight_hr" for m in map(_KEY.match, keys)):
         raise ValueError(
@@ -137,13 +179,21 @@ def _structure(where: str, sd: dict[str, np.ndarray]) -> tuple[str, int, int, bo
             "proj_size > 0 (a projected LSTM), whose state h has a different size than c. "
             "jax_rnn's LSTM has no projection; rebuild the module with proj_size=0."
         )
-    if "weight_hh_l0" not in sd or "weight_ih_l0" not in sd:
+    absent = [k for k in ("weight_ih_l0", "weight_hh_l0") if k not in sd]
+    if absent:
         raise ValueError(
-            f"`{where}`: the state dict has no `weight_ih_l0`/`weight_hh_l0`; found keys "
-            f"{keys}; expected those of nn.RNN/nn.GRU/nn.LSTM: weight_ih_l{{k}}, "
+            f"`{where}`: the state dict has no {' and no '.join(f'`{k}`' for k in absent)}; "
+            f"found keys {keys}; expected those of nn.RNN/nn.GRU/nn.LSTM: weight_ih_l{{k}}, "
             f"weight_hh_l{{k}}, bias_ih_l{{k}}, bias_hh_l{{k}} (and `_reverse` "
-            f"versions for a bidirectional module){_prefix_hint(keys)}."
+            f"versions for a bidirectional module), or of nn.RNNCell/nn.GRUCell/nn.LSTMCell"
+            f"{_prefix_hint(keys, module)}."
         )
+    for name in ("weight_ih_l0", "weight_hh_l0"):
+        if sd[name].ndim != 2:
+            raise ValueError(
+                f"`{where}`: `{name}` has shape {sd[name].shape}; expected a matrix, "
+                "(G*H, I) for weight_ih_l0 and (G*H, H) for weight_hh_l0."
+            )
     w_hh = sd["weight_hh_l0"]
     rows, cols = w_hh.shape if w_hh.ndim == 2 else (0, 0)
     if cols == 0 or rows % cols or rows // cols not in _GATES:
@@ -171,7 +221,8 @@ def _structure(where: str, sd: dict[str, np.ndarray]) -> tuple[str, int, int, bo
             parts.append(f"unexpected keys {unexpected}")
         raise ValueError(
             f"`{where}`: the state dict looks like a {what} (from its keys), but has "
-            f"{' and '.join(parts)}; expected exactly {expected}{_prefix_hint(unexpected)}."
+            f"{' and '.join(parts)}; expected exactly {expected}"
+            f"{_prefix_hint(unexpected, module)}."
         )
     input_size = sd["weight_ih_l0"].shape[-1]
     for name in expected:
@@ -183,10 +234,13 @@ def _structure(where: str, sd: dict[str, np.ndarray]) -> tuple[str, int, int, bo
             "weight_hh": (gates * hidden, hidden),
         }.get(name.split("_l")[0], (gates * hidden,))
         if sd[name].shape != want:
+            reads = (f"input size {input_size} (from weight_ih_l0)" if k == 0 else
+                     f"layer {k} reading layer {k - 1}'s {layer_input} features "
+                     f"({directions} direction(s) x hidden size {hidden})")
             raise ValueError(
                 f"`{where}`: `{name}` has shape {sd[name].shape}, expected {want} for a "
-                f"{_GATES[gates]} with hidden size {hidden} (from weight_hh_l0) and input "
-                f"size {input_size} (from weight_ih_l0)."
+                f"{_GATES[gates]} with hidden size {hidden} (from weight_hh_l0) and "
+                f"{reads}."
             )
     return _GATES[gates], num_layers, directions, bias, input_size, hidden
 
@@ -237,15 +291,20 @@ def from_torch(module_or_state_dict: Any, *, nonlinearity: str | None = None) ->
     ``b_cell_state = bias_hh``). The cells get no readout (``w_output=None``): their
     output is the hidden state, as PyTorch's is.
 
-    Run the result with :func:`jax_rnn.unroll`; PyTorch's ``batch_first=True`` is
-    ``unroll(..., time_major=False)``, a ``PackedSequence`` is ``seq_lengths=lengths``,
-    and :func:`from_torch_state`/:func:`to_torch_state` translate ``h_0``/``h_n``.
+    Run the result with :func:`jax_rnn.unroll`; a ``PackedSequence`` is
+    ``seq_lengths=lengths.numpy()``, and :func:`from_torch_state`/:func:`to_torch_state`
+    translate ``h_0``/``h_n``. **A module built with ``batch_first=True`` needs
+    ``unroll(..., time_major=False)``**: the params do not record the layout, and a
+    batch-major input read as time-major runs without an error, wrongly.
 
     Args:
         module_or_state_dict: the module (anything with ``state_dict()``; its ``mode``,
             ``nonlinearity``, ``num_layers``, ``bidirectional`` and ``dropout``
-            attributes are used when present), or its state dict, with tensors or
-            numpy arrays as values.
+            attributes are used when present; one wrapped by ``torch.compile`` or
+            ``nn.DataParallel`` is unwrapped), or its state dict, with tensors or numpy
+            arrays as values. An ``nn.RNNCell``, ``nn.GRUCell`` or ``nn.LSTMCell`` (keys
+            ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh``) converts as a
+            one-layer module.
         nonlinearity: ``"tanh"`` or ``"relu"``, for an ``nn.RNN`` given as a state dict
             (which does not record it); defaults to ``"tanh"``. A module's own setting
             is used when given a module.
@@ -282,7 +341,7 @@ def from_torch(module_or_state_dict: Any, *, nonlinearity: str | None = None) ->
     """
     where = "jax_rnn.interop.from_torch"
     sd, module = _state_dict_of(where, module_or_state_dict)
-    kind, num_layers, directions, bias, _, _ = _structure(where, sd)
+    kind, num_layers, directions, bias, _, _ = _structure(where, sd, module is not None)
     module_nonlinearity = None if module is None else _module_kind(where, module, kind)
     if module is not None:
         for attr, value in (("num_layers", num_layers), ("bidirectional", directions == 2)):
@@ -487,13 +546,16 @@ def from_torch_state(params: Any, hidden: Any) -> Any:
     Args:
         params: the params :func:`from_torch` returned (they give the structure).
         hidden: ``h_0`` shaped ``(L*D, *batch, H)``, or ``(h_0, c_0)`` for an LSTM; numpy,
-            jax or anything ``jnp.asarray`` takes (convert tensors with ``.numpy()``).
+            jax, torch tensors (also ones that require grad) or anything
+            ``jnp.asarray`` takes. PyTorch keeps this layout with ``batch_first=True``
+            too.
 
     Returns:
         the carry to pass as ``unroll(..., state0=...)``.
 
     Raises:
-        ValueError: a leading axis other than ``L*D``, or a missing/extra ``c_0``.
+        ValueError: a leading axis other than ``L*D``, a missing/extra ``c_0``, or
+            ``h_0`` and ``c_0`` of different shapes.
 
     Example:
         >>> from jax_rnn import interop
@@ -508,11 +570,12 @@ def from_torch_state(params: Any, hidden: Any) -> Any:
     if lstm_params:
         if not (isinstance(hidden, tuple | list) and len(hidden) == 2):
             raise ValueError(f"`{where}`: an LSTM needs `hidden=(h_0, c_0)`, got one array.")
-        arrays = [jnp.asarray(hidden[0]), jnp.asarray(hidden[1])]
+        arrays = [jnp.asarray(_detached(where, name, a))
+                  for name, a in zip(("h_0", "c_0"), hidden, strict=True)]
     else:
         if isinstance(hidden, tuple | list):
             raise ValueError(f"`{where}`: only an LSTM has a cell state; pass `hidden=h_0` alone.")
-        arrays = [jnp.asarray(hidden)]
+        arrays = [jnp.asarray(_detached(where, "h_0", hidden))]
     n = sum(len(layer) for layer in layers)
     h = int(np.shape(layers[0][0].w_cell_state)[0])
     for name, a in zip(("h_0", "c_0"), arrays, strict=False):
@@ -521,6 +584,11 @@ def from_torch_state(params: Any, hidden: Any) -> Any:
                 f"`{where}`: `{name}` has shape {a.shape}, expected ({n}, *batch, {h}): "
                 f"num_layers * num_directions = {n} states of size {h}."
             )
+    if len(arrays) == 2 and arrays[0].shape != arrays[1].shape:
+        raise ValueError(
+            f"`{where}`: `h_0` has shape {arrays[0].shape} but `c_0` {arrays[1].shape}; "
+            "an LSTM's two states have the same shape (as nn.LSTM requires)."
+        )
     index = 0
     out = []
     for layer in layers:

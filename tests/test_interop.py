@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import pathlib
+import re
 from typing import Any
 
 import jax
@@ -408,11 +409,41 @@ def test_error_missing_and_unknown_keys():
         interop.from_torch(sd)
     with pytest.raises(ValueError, match=r"unexpected keys \['extra'\]; expected exactly"):
         interop.from_torch(dict(_sd(), extra=np.zeros(1)))
-    with pytest.raises(ValueError, match=r"no `weight_ih_l0`/`weight_hh_l0`; found keys"):
+    with pytest.raises(ValueError, match=r"no `weight_ih_l0` and no `weight_hh_l0`; found keys"):
         interop.from_torch({"weight": np.zeros((3, 3))})
-    prefixed = {f"encoder.rnn.{k}": v for k, v in _sd().items()}
-    with pytest.raises(ValueError, match=r"prefix \('encoder\.rnn\.'\).*removeprefix"):
-        interop.from_torch(prefixed)
+    with pytest.raises(ValueError, match=r"has no `weight_hh_l0`; found"):
+        interop.from_torch({k: v for k, v in _sd().items() if k != "weight_hh_l0"})
+
+
+def test_error_names_the_prefix_of_a_bigger_models_keys():
+    """A whole model's state dict (an embedding, the RNN, a head): the message says how
+    to pick the RNN's keys out, and what it says works; with two RNNs it names both."""
+    rnn = _sd("torch_gru_l2_uni.npz")
+    model = {"encoder.embed.weight": np.ones((10, 3)), "encoder.fc.bias": np.ones(2)}
+    model.update({f"encoder.rnn.{k}": v for k, v in rnn.items()})
+    with pytest.raises(ValueError, match=r"prefix: pick them out") as err:
+        interop.from_torch(model)
+    picked = eval(re.search(r"`(\{k\[len.*?\})`", str(err.value)).group(1),  # noqa: S307
+                  {"sd": model})
+    _, params = interop.from_torch(picked)
+    np.testing.assert_array_equal(params[1].w_cell_state, rnn["weight_hh_l1"].T)
+    model.update({f"decoder.rnn.{k}": v for k, v in rnn.items()})
+    with pytest.raises(ValueError, match=r"one of \['decoder\.rnn\.', 'encoder\.rnn\.'\]"):
+        interop.from_torch(model)
+    with pytest.raises(ValueError, match=r"pass its recurrent module, "
+                                         r"`from_torch\(model\.decoder\.rnn\)` or "
+                                         r"`from_torch\(model\.encoder\.rnn\)`"):
+        interop.from_torch(_FakeModule(model))
+
+
+def test_cell_keys_convert_as_one_layer():
+    """nn.LSTMCell's keys (no `_l0` suffix) give the params of a one-layer nn.LSTM."""
+    sd = _sd("torch_lstm_l1_uni.npz")
+    cell, params = interop.from_torch({k.removesuffix("_l0"): v for k, v in sd.items()})
+    same_cell, same = interop.from_torch(sd)
+    assert cell is same_cell is jax_rnn.lstm
+    for a, b in zip(params, same, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_error_shapes_and_kinds():
@@ -435,8 +466,34 @@ def test_error_shapes_and_kinds():
         )
     with pytest.raises(TypeError, match="module or its state dict"):
         interop.from_torch([np.zeros(3)])
-    with pytest.raises(TypeError, match="`weight_ih_l0` has dtype int64, expected floats"):
+    with pytest.raises(TypeError, match="`weight_ih_l0` has dtype int64, expected a floating"):
         interop.from_torch(dict(sd, weight_ih_l0=np.zeros((9, 4), np.int64)))
+    with pytest.raises(TypeError, match="`bias_hh_l1` is None, expected an array"):
+        interop.from_torch(dict(sd, bias_hh_l1=None))
+    with pytest.raises(TypeError, match=r"got the class GRU, expected a module \(an instance"):
+        interop.from_torch(type("GRU", (), {"state_dict": lambda self: {}}))
+    with pytest.raises(ValueError, match=r"`weight_ih_l0` has shape \(9,\); expected a matrix"):
+        interop.from_torch(dict(sd, weight_ih_l0=np.zeros(9)))
+    bi = _sd("torch_gru_l2_bi.npz")
+    with pytest.raises(ValueError, match=r"expected \(9, 6\) .* layer 1 reading layer 0's 6 "
+                                         r"features \(2 direction\(s\) x hidden size 3\)"):
+        interop.from_torch(dict(bi, weight_ih_l1=np.zeros((9, 3))))
+
+
+def test_bfloat16_state_dicts():
+    """bfloat16 arrays (JAX's, ml_dtypes) convert as they are, as float16 ones do."""
+    sd = _sd("torch_gru_l1_uni.npz")
+    _, params = interop.from_torch({k: jnp.asarray(v, jnp.bfloat16) for k, v in sd.items()})
+    assert params.w_cell_state.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(params.w_cell_state, np.float32),
+                                  np.asarray(jnp.asarray(sd["weight_hh_l0"].T, jnp.bfloat16),
+                                             np.float32))
+
+
+def test_from_torch_state_checks_h0_against_c0():
+    params = _cell_params("lstm", 2, 3)
+    with pytest.raises(ValueError, match=r"`h_0` has shape \(1, 4, 3\) but `c_0` \(1, 1, 3\)"):
+        interop.from_torch_state(params, (np.zeros((1, 4, 3)), np.zeros((1, 1, 3))))
 
 
 def test_error_readout_in_to_torch():
@@ -691,6 +748,38 @@ def test_keras_golden(path, dtype):
 def _torch():
     """torch, or a skip of the live tests only (the golden fixtures still run)."""
     return pytest.importorskip("torch")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+def test_live_torch_cells_wrappers_and_learned_states():
+    """nn.RNNCell/GRUCell/LSTMCell stepped over a sequence equal the converted cell's
+    unroll; torch.compile and nn.DataParallel wrappers are unwrapped; an h_0 that
+    requires grad (a learned initial state) converts."""
+    torch = _torch()
+    torch.manual_seed(0)
+    xs = torch.randn(4, 2, 3, dtype=torch.float64)
+    cases = ((torch.nn.RNNCell, {}, jax_rnn.elman),
+             (torch.nn.RNNCell, {"nonlinearity": "relu"}, jax_rnn.elman_relu),
+             (torch.nn.GRUCell, {}, jax_rnn.gru), (torch.nn.LSTMCell, {}, jax_rnn.lstm))
+    for make, extra, expected_cell in cases:
+        cell_module = make(3, 5, **extra).double()
+        h0 = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+        c0 = torch.randn(2, 5, dtype=torch.float64)
+        is_lstm = make is torch.nn.LSTMCell
+        state, outs = ((h0, c0) if is_lstm else h0), []
+        with torch.no_grad():
+            for x in xs:
+                state = cell_module(x, state)
+                outs.append((state[0] if is_lstm else state).numpy())
+        cell, params = interop.from_torch(cell_module)
+        assert cell is expected_cell
+        state0 = interop.from_torch_state(params, (h0[None], c0[None]) if is_lstm else h0[None])
+        _, ys = jax_rnn.unroll(cell, params, xs.numpy(), state0)
+        np.testing.assert_allclose(ys.output, np.stack(outs), rtol=1e-12, atol=1e-12)
+    gru = torch.nn.GRU(3, 5, num_layers=2).double()
+    for wrapped in (torch.compile(gru), torch.nn.DataParallel(gru)):
+        _, params = interop.from_torch(wrapped)
+        np.testing.assert_array_equal(params[1].w_cell_state, gru.weight_hh_l1.detach().numpy().T)
 
 
 @st.composite
