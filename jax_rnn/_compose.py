@@ -219,7 +219,7 @@ class Stack(NamedTuple):
         new_carry = []
         y: Any = None
         for layer, p, c in zip(self.layers, params, carry, strict=True):
-            if isinstance(layer, Bidirectional | Stack):
+            if isinstance(layer, Bidirectional):
                 raise TypeError(
                     "`jax_rnn.Stack.step`: a bidirectional layer cannot run one step at a "
                     "time (its backward pass needs the whole sequence); use `jax_rnn.unroll`."

@@ -13,6 +13,7 @@ from jax import Array
 
 from . import _checks
 from ._compose import Bidirectional, Stack
+from ._fresh import check_arity, compile_fresh
 from ._jacobian import outputs_of
 from ._unroll import _check_model, cast_floats, cast_inputs, initial_carry
 
@@ -21,14 +22,13 @@ def _identity_feedback(y: Any, key: Array | None = None) -> Any:
     return outputs_of(y)
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "steps", "feedback", "dtype", "batch"))
-def _generate_jit(
-    cell: Any,
+def _generate_impl(
     params: Any,
     state0: Any,
     first_input: Array,
     key: Array | None,
     *,
+    cell: Any,
     steps: int,
     feedback: Callable[..., Any],
     dtype: np.dtype | None,
@@ -59,6 +59,25 @@ def _generate_jit(
     return final, ys, xs
 
 
+# The default feedback reads nothing from outside, so its compilation is cached; a
+# caller's is compiled at every call (`compile_fresh`).
+_generate_cached = jax.jit(_generate_impl,
+                           static_argnames=("cell", "steps", "feedback", "dtype", "batch"))
+
+
+def _check_key(where: str, key: Any) -> None:
+    """A typed key (:func:`jax.random.key`) or a raw one (:func:`jax.random.PRNGKey`)."""
+    dtype = getattr(key, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+        return
+    if dtype == np.uint32 and np.ndim(key) >= 1 and np.shape(key)[-1] == 2:
+        return
+    raise TypeError(
+        f"`{where}`: `key` must be a random key, e.g. `jax.random.key(0)`, got "
+        f"{type(key).__name__} {key!r}."
+    )
+
+
 def generate(
     cell: Any,
     params: Any,
@@ -84,7 +103,10 @@ def generate(
         first_input: the first input, ``(*batch, I)``.
         steps: how many steps to run (a Python int, >= 0).
         feedback: ``y_t -> x_{t+1}`` (``(y_t, key_t) -> x_{t+1}`` with ``key``); must return
-            an array of the input's shape. Default: the step's ``output`` (needs O == I).
+            an array of the input's shape. Default: the step's ``output`` (needs O == I,
+            also for ``steps=0``). A feedback of the caller's is compiled at every call,
+            so it may read values from outside and gets their current ones; inside a
+            caller's own :func:`jax.jit`, jit's usual rules apply.
         key: a :func:`jax.random.key`, split into one key per step for ``feedback``.
 
     Returns:
@@ -120,8 +142,16 @@ def generate(
             f"`{where}`: `feedback` must be a function of the step's output (and a key when "
             f"`key` is given) that returns the next input, got {type(feedback).__name__}."
         )
-    fb = _identity_feedback if feedback is None else feedback
+    if key is not None:
+        _check_key(where, key)
+    if feedback is not None:
+        check_arity(where, "feedback", feedback, 1 if key is None else 2,
+                    "the step's output" if key is None else
+                    "the step's output and a key (as `key` is given)")
     first = _checks.as_array(first_input)
     state0 = None if state0 is None else jax.tree.map(_checks.as_array, state0)
-    return _generate_jit(cell, params, state0, first, key, steps=int(steps), feedback=fb,
-                         dtype=dtype, batch=batch)
+    run = (_generate_cached if feedback is None
+           else functools.partial(compile_fresh, _generate_impl))
+    return run(params, state0, first, key, cell=cell, steps=int(steps),
+               feedback=_identity_feedback if feedback is None else feedback, dtype=dtype,
+               batch=batch)

@@ -65,7 +65,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
+from ._checks import is_float
 from ._compose import Bidirectional, Stack
+from ._fresh import check_arity, compile_fresh
 from ._unroll import cast_floats, cast_inputs, initial_carry, prepare, scan
 
 __all__ = [
@@ -106,6 +108,13 @@ def flatten_state(carry: Any) -> Array:
     leaves = jax.tree.leaves(carry)
     if not leaves:
         raise ValueError("`jax_rnn.gradients.flatten_state`: the carry has no arrays.")
+    shapes = [jnp.shape(leaf) for leaf in leaves]
+    if any(len(s) == 0 for s in shapes) or len({s[:-1] for s in shapes}) > 1:
+        raise ValueError(
+            "`jax_rnn.gradients.flatten_state`: every leaf of the carry must be shaped "
+            f"(*batch, size) with the same batch axes, got shapes {shapes}; a cell of your "
+            "own that carries a scalar (a counter, say) can carry it shaped (*batch, 1)."
+        )
     if len(leaves) == 1:
         return jnp.asarray(leaves[0])
     return jnp.concatenate([jnp.asarray(leaf) for leaf in leaves], axis=-1)
@@ -152,6 +161,7 @@ def _check_loss(where: str, loss: Any) -> None:
             f"`{where}`: `loss` must be a function `loss(final_state, ys) -> scalar` (what "
             f"`jax_rnn.unroll` returns, to a scalar), got {type(loss).__name__}."
         )
+    check_arity(where, "loss", loss, 2, "`loss(final_state, ys)`")
 
 
 def _scalar_loss(where: str, value: Any) -> Array:
@@ -159,6 +169,12 @@ def _scalar_loss(where: str, value: Any) -> Array:
         raise TypeError(
             f"`{where}`: `loss(final_state, ys)` must return a scalar, got shape "
             f"{jnp.shape(value)}; reduce it, e.g. with `.mean()` or `.sum()`."
+        )
+    if not is_float(jnp.result_type(value)):
+        raise TypeError(
+            f"`{where}`: `loss(final_state, ys)` must return a real floating-point scalar "
+            f"(it is differentiated), got dtype {jnp.result_type(value)}; e.g. take "
+            "`.real` or `abs(...)` of a complex one, or compute it from the float outputs."
         )
     return value
 
@@ -186,6 +202,11 @@ def _forward(cell: Any, params: Any, xs: Any, carry0: Any) -> tuple[Any, Any]:
     return final, before
 
 
+def _wide(dtype: Any) -> Any:
+    """``dtype``, or float32 for a narrower float (XLA's SVD and QR take neither)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def _reduce(kind: str, log: bool, g: Array, exponent: Array) -> Array:
     """Reduces ``g * 2**exponent`` (``g``: (*batch, D, D), ``exponent``: (*batch,))."""
     if kind == "matrix":
@@ -193,8 +214,8 @@ def _reduce(kind: str, log: bool, g: Array, exponent: Array) -> Array:
     if kind == "fro":
         values = jnp.sqrt(jnp.sum(g * g, axis=(-2, -1)))
         scale = exponent
-    else:
-        values = jnp.linalg.svd(g, compute_uv=False)
+    else:  # XLA's SVD takes float32 and wider: half-precision states go through float32
+        values = jnp.linalg.svd(g.astype(_wide(g.dtype)), compute_uv=False).astype(g.dtype)
         if kind == "spectral":
             values = values[..., 0]
             scale = exponent
@@ -263,15 +284,17 @@ def _jacobians_jit(
         # product kept as QR factors, as for Lyapunov exponents: a plain product loses
         # every singular value below the largest times the dtype's epsilon). One step:
         # R Q^T J = R (Q^T J) = R (Q' R')^T ... written with M^T = Q' R' for M = Q^T J.
-        q, r, exponent = acc
-        m = times_jacobian(jnp.swapaxes(q, -1, -2), *inputs)  # Q^T J
-        q, r_step = jnp.linalg.qr(jnp.swapaxes(m, -1, -2))
+        q, r, exponent = acc  # float32 for half-precision states (_wide)
+        m = times_jacobian(jnp.swapaxes(q, -1, -2).astype(eye.dtype), *inputs)  # Q^T J
+        q, r_step = jnp.linalg.qr(jnp.swapaxes(m, -1, -2).astype(q.dtype))
         r = jnp.swapaxes(r_step @ jnp.swapaxes(r, -1, -2), -1, -2)  # the new R, transposed
         r, exponent = near_one(r, exponent)
         return (q, r, exponent), _reduce(kind, log, r, exponent)
 
     if kind == "singular":
-        _, out = jax.lax.scan(back_qr, (eye, eye, exponent0), (before, xs), reverse=True)
+        wide = eye.astype(_wide(eye.dtype))
+        _, out = jax.lax.scan(back_qr, (wide, wide, exponent0), (before, xs), reverse=True)
+        out = out.astype(eye.dtype)
     else:
         _, out = jax.lax.scan(back, (eye, exponent0), (before, xs), reverse=True)
     return jnp.concatenate([out, last[None]], axis=0)
@@ -279,6 +302,8 @@ def _jacobians_jit(
 
 def _jacobians(where: str, cell: Any, params: Any, xs: Any, state0: Any, kind: str,
                log: bool) -> Array:
+    if not isinstance(log, bool | np.bool_):
+        raise TypeError(f"`{where}`: `log` must be True or False, got {log!r}.")
     prep = _prepare(where, cell, params, xs, state0)
     return _jacobians_jit(cell, params, prep.xs, prep.state0, kind=kind, log=bool(log),
                           dtype=prep.dtype, batch_shape=prep.batch_shape)
@@ -345,6 +370,16 @@ def jacobian_norms(
     dtype (exploding or vanishing gradients over thousands of steps) still come out
     right with ``log=True``.
 
+    Each step's Jacobian is the one backpropagation uses, with the activations'
+    derivatives computed from their outputs (``1 - h**2`` for tanh, ``s (1 - s)`` for the
+    sigmoid). Where an activation saturates in floating point its output rounds to
+    ``±1`` (or 0, 1), and its derivative is exactly 0 although the true one is tiny but
+    positive: tanh at ``|pre|`` above about 9 in float32 and 19 in float64. A norm
+    through such a step comes back as 0 (``-inf`` with ``log``) where the exact value is
+    about ``-2 |pre|`` per saturated step in log; a little below those points the
+    derivative keeps only a few digits. The norms are what gradient descent sees, not
+    the real-number model's.
+
     Args:
         cell: a :class:`~jax_rnn.Cell` or a :func:`~jax_rnn.stack` of cells.
         params: the model's params.
@@ -391,11 +426,17 @@ def jacobian_singular_values(
     one ``D x D`` QR per step and example (as Lyapunov exponents are computed), and the
     singular values are those of its triangular factor. Each singular value keeps its
     own relative precision however far it is below the largest (a plain product keeps
-    only those within the dtype's epsilon of it), down to the dtype's smallest number
-    times the largest (about ``1e-38`` in float32, ``1e-308`` in float64); smaller ones
-    come back as 0 (``-inf`` with ``log``). For a linear RNN they are the singular
-    values of the powers of the recurrent matrix; their logarithms divided by the
-    distance tend to the Lyapunov exponents of the trajectory.
+    only those within the dtype's epsilon of it), down to the dtype's smallest normal
+    number times the largest (about ``1e-38`` in float32, ``1e-308`` in float64); smaller
+    ones come back as 0 (``-inf`` with ``log``). That holds while each step's Jacobian
+    is well conditioned: a step whose own singular values are less than about epsilon
+    apart relative to its largest (a singular step: a rank-deficient recurrent matrix,
+    ReLU units that are off) contributes rounding noise of about epsilon times its
+    largest instead, so a singular value that is exactly 0 comes back as about
+    ``eps**k`` after ``k`` such steps (a log slope near ``log(eps)`` per step, not
+    ``-inf``). States of float16 or bfloat16 are factored in float32. For a linear RNN
+    they are the singular values of the powers of the recurrent matrix; their logarithms
+    divided by the distance tend to the Lyapunov exponents of the trajectory.
 
     Args:
         cell: a :class:`~jax_rnn.Cell` or a :func:`~jax_rnn.stack` of cells.
@@ -418,7 +459,7 @@ def jacobian_singular_values(
         ...                              w_cell_input=jnp.zeros((1, 2)), b_cell=None)
         >>> linear = jax_rnn.make_elman(lambda a: a)
         >>> sv = gradients.jacobian_singular_values(linear, params, jnp.zeros((3, 1)))
-        >>> print(sv)  # W^k: singular values 2, 1, 2, 1 (k = 3, 2, 1, 0)
+        >>> print(sv)  # W^k for k = 3, 2, 1, 0: W^2 = I, so (2, 0.5) and (1, 1)
         [[2.  0.5]
          [1.  1. ]
          [2.  0.5]
@@ -432,9 +473,8 @@ def jacobian_singular_values(
 # A loss: its gradient with respect to each state, and each step's share of dL/dW
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "loss", "dtype", "batch_shape"))
-def _state_gradients_jit(
-    cell: Any, params: Any, xs: Any, state0: Any, *, loss: Any, dtype: Any, batch_shape: tuple
+def _state_gradients_impl(
+    params: Any, xs: Any, state0: Any, *, cell: Any, loss: Any, dtype: Any, batch_shape: tuple
 ) -> Array:
     params, xs, carry0 = _setup(cell, params, xs, state0, dtype, batch_shape)
     step = functools.partial(cell.step, params)
@@ -480,8 +520,11 @@ def state_gradients(
         cell: a :class:`~jax_rnn.Cell` or a :func:`~jax_rnn.stack` of cells.
         params: the model's params.
         xs: inputs shaped ``(T, *batch, I)``.
-        loss: ``loss(final_state, ys) -> scalar``; jit-compiled once per function
-            object, so define it once rather than as a new lambda per call.
+        loss: ``loss(final_state, ys) -> scalar``. The computation is compiled at every
+            call, so a loss may read values from outside (a global, a closure's
+            variables) and gets their current ones; to call this repeatedly at the same
+            shapes, call it inside your own :func:`jax.jit`, where jit's usual rules
+            apply (values read from outside are fixed when it traces).
         state0: the initial carry (zeros when ``None``).
 
     Returns:
@@ -508,13 +551,12 @@ def state_gradients(
     where = "jax_rnn.gradients.state_gradients"
     _check_loss(where, loss)
     prep = _prepare(where, cell, params, xs, state0)
-    return _state_gradients_jit(cell, params, prep.xs, prep.state0, loss=loss,
-                                dtype=prep.dtype, batch_shape=prep.batch_shape)
+    return compile_fresh(_state_gradients_impl, params, prep.xs, prep.state0, cell=cell,
+                         loss=loss, dtype=prep.dtype, batch_shape=prep.batch_shape)
 
 
-@functools.partial(jax.jit, static_argnames=("cell", "loss", "dtype", "batch_shape"))
-def _contributions_jit(
-    cell: Any, params: Any, xs: Any, state0: Any, *, loss: Any, dtype: Any, batch_shape: tuple
+def _contributions_impl(
+    params: Any, xs: Any, state0: Any, *, cell: Any, loss: Any, dtype: Any, batch_shape: tuple
 ) -> Any:
     params, xs, carry0 = _setup(cell, params, xs, state0, dtype, batch_shape)
     length = xs.shape[0]
@@ -591,5 +633,5 @@ def step_contributions(
     where = "jax_rnn.gradients.step_contributions"
     _check_loss(where, loss)
     prep = _prepare(where, cell, params, xs, state0)
-    return _contributions_jit(cell, params, prep.xs, prep.state0, loss=loss,
-                              dtype=prep.dtype, batch_shape=prep.batch_shape)
+    return compile_fresh(_contributions_impl, params, prep.xs, prep.state0, cell=cell,
+                         loss=loss, dtype=prep.dtype, batch_shape=prep.batch_shape)

@@ -351,3 +351,102 @@ def test_errors_say_what_to_do():
         gradients.step_contributions(model, params, xs, "mse", state0)  # pyright: ignore
     with pytest.raises(ValueError, match="feature size"):
         gradients.state_jacobians(model, params, xs[..., :2])
+    with pytest.raises(TypeError, match=r"`loss` must take 2 positional argument"):
+        gradients.state_gradients(model, params, xs, lambda final: final.sum())
+    with pytest.raises(TypeError, match=r"real floating-point scalar .* got dtype int32"):
+        gradients.state_gradients(model, params, xs, lambda final, ys: jnp.int32(1))
+    with pytest.raises(TypeError, match=r"`log` must be True or False, got 'no'"):
+        gradients.jacobian_norms(model, params, xs, log="no")  # pyright: ignore
+    with pytest.raises(ValueError, match=r"every leaf of the carry .* shapes \[\(3,\), \(\)\]"):
+        gradients.flatten_state((jnp.ones(3), jnp.ones(())))
+
+
+_TARGET = np.zeros(2)  # read by _target_loss from outside; changed by the test below
+
+
+def _target_loss(final, ys):
+    return jnp.sum((ys.output - _TARGET) ** 2)
+
+
+@pytest.mark.parametrize("what", ["state_gradients", "step_contributions"])
+def test_a_loss_that_reads_a_changed_global_gets_its_new_value(what, monkeypatch):
+    """The same loss function, called again after a global it reads changed: the
+    gradients follow the new value, as jax.grad of unroll does (they were those of the
+    first call's value, silently: the loss was a static argument of a cached jit)."""
+    model, params, xs, state0 = problem("gru")
+    fn = getattr(gradients, what)
+    fn(model, params, xs, _target_loss, state0)
+    monkeypatch.setattr(__import__(__name__, fromlist=["_"]), "_TARGET", np.full(2, 5.0))
+
+    def direct(p, s0):
+        return jnp.sum((jax_rnn.unroll(model, p, xs, s0)[1].output - 5.0) ** 2)
+
+    got = fn(model, params, xs, _target_loss, state0)
+    if what == "state_gradients":
+        np.testing.assert_allclose(got[0], jax.grad(direct, 1)(params, state0), **F64)
+    else:
+        expected = jax.grad(direct)(params, state0)
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+            np.testing.assert_allclose(a.sum(0), b, **F64)
+
+
+def test_generate_follows_a_feedbacks_changed_closure():
+    """generate with the same feedback function after the value it closes over changed
+    (it kept the first value: the feedback was a static argument of a cached jit)."""
+    model, params, _, _ = problem("elman")  # outputs of size 2, inputs of size 3
+    scale = [1.0]
+
+    def feedback(y):
+        return scale[0] * jnp.concatenate([y.output, y.output[..., :1]], axis=-1)
+
+    first = np.ones(I)
+    _, _, xs_one = jax_rnn.generate(model, params, None, first, 3, feedback)
+    scale[0] = 0.0
+    _, ys, xs_zero = jax_rnn.generate(model, params, None, first, 3, feedback)
+    assert float(np.abs(xs_one[1:]).max()) > 0.1
+    np.testing.assert_array_equal(xs_zero[1:], 0.0)
+    _, by_hand = jax_rnn.unroll(model, params, np.stack([first, first * 0, first * 0]))
+    np.testing.assert_allclose(ys.output, by_hand.output, **F64)
+
+
+def test_generate_checks_its_feedback_and_key():
+    model, params, _, _ = problem("elman")
+    with pytest.raises(TypeError, match=r"`feedback` must take 2 .* \(as `key` is given\)"):
+        jax_rnn.generate(model, params, None, np.ones(I), 2, lambda y: y.output,
+                         key=jax.random.key(0))
+    with pytest.raises(TypeError, match=r"`feedback` must take 1 positional"):
+        jax_rnn.generate(model, params, None, np.ones(I), 2, lambda y, k: y.output)
+    with pytest.raises(TypeError, match=r"`key` must be a random key, .* got int 0"):
+        jax_rnn.generate(model, params, None, np.ones(I), 2, lambda y, k: y.output, key=0)
+
+
+def test_a_stack_inside_a_stack_steps_like_the_flat_stack():
+    """generate and the gradients functions step a nested stack (they raised a
+    'bidirectional layer' error); stack([stack([a]), b]) computes what stack([a, b]) does."""
+    flat_model = jax_rnn.stack([jax_rnn.elman, jax_rnn.gru])
+    nested = jax_rnn.stack([jax_rnn.stack([jax_rnn.elman]), jax_rnn.gru])
+    flat = flat_model.init(jax.random.key(0), I, H, I, dtype=jnp.float64)
+    params = ((flat[0],), flat[1])
+    xs = np.random.default_rng(0).normal(size=(T, I))
+    a = jax_rnn.generate(flat_model, flat, None, xs[0], 4)
+    b = jax_rnn.generate(nested, params, ((jnp.zeros(H),), jnp.zeros(H)), xs[0], 4)
+    np.testing.assert_allclose(a[1].output, b[1].output, **F64)
+    np.testing.assert_allclose(gradients.jacobian_norms(nested, params, xs),
+                               gradients.jacobian_norms(flat_model, flat, xs), **F64)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_spectral_norms_and_singular_values(dtype):
+    """XLA's SVD and QR take no half-precision floats (these raised an XLA error): they
+    run in float32, and agree with the float64 values to the dtype's precision."""
+    model, params, xs, state0 = problem("gru")
+
+    def cast(tree, to):
+        return jax.tree.map(lambda a: jnp.asarray(a, to), tree)
+
+    for fn in (gradients.jacobian_singular_values,
+               lambda *a, **k: gradients.jacobian_norms(*a, ord=2, **k)):
+        low = fn(model, cast(params, dtype), cast(xs, dtype), cast(state0, dtype), log=True)
+        assert low.dtype == dtype
+        ref = fn(model, params, xs, state0, log=True)
+        np.testing.assert_allclose(np.asarray(low, np.float64), ref, rtol=0, atol=0.1)
