@@ -1007,3 +1007,31 @@ def test_live_keras_bidirectional():
     _close(final.forward.c, c_fw, 1e-5, "forward c")
     _close(final.backward.h, h_bw, 1e-5, "backward h")
     _close(final.backward.c, c_bw, 1e-5, "backward c")
+
+
+@pytest.mark.filterwarnings(_KERAS_WARNING)
+@pytest.mark.parametrize("go_backwards", [False, True])
+def test_live_keras_mask_is_seq_lengths(go_backwards):
+    """A Keras mask of valid prefixes is ``seq_lengths``: the final states agree; the
+    outputs agree at valid steps, and at masked steps Keras repeats the previous output
+    (the last valid one going forward; the initial state's zeros before the first valid
+    step going backwards) where ``unroll`` gives zeros, as docs/interop.md says."""
+    keras = _keras()
+    rng = np.random.default_rng(1)
+    layer = keras.layers.GRU(4, return_sequences=True, return_state=True,
+                             go_backwards=go_backwards, dtype="float32")
+    layer.build((3, 6, 2))
+    layer.set_weights(_draw_keras_weights("GRU", 2, 4, True, rng))
+    xs = rng.normal(size=(3, 6, 2)).astype(np.float32)
+    lengths = np.array([6, 2, 0])
+    mask = np.arange(6)[None, :] < lengths[:, None]
+    output, h = map(keras.ops.convert_to_numpy, layer(xs, mask=mask))
+    cell, params = interop.from_keras("GRU", layer.get_weights())
+    final, ys = jax_rnn.unroll(cell, params, xs, time_major=False, seq_lengths=lengths,
+                               reverse=go_backwards)
+    _close(final, h, 1e-5, "h")
+    ours = np.asarray(ys.output)[:, ::-1] if go_backwards else np.asarray(ys.output)
+    if not go_backwards:  # Keras carries the last valid output over the masked steps
+        last = np.take_along_axis(ours, np.maximum(lengths - 1, 0)[:, None, None], axis=1)
+        ours = np.where(mask[..., None], ours, np.where(lengths[:, None, None] > 0, last, 0))
+    _close(ours, output, 1e-5, "output")
