@@ -196,7 +196,10 @@ def _same(d_g: Array, tape: Tape) -> tuple[Array, Array]:
 
 
 def _tanh_back(h: Array, d_h: Array) -> Array:
-    return d_h * (1.0 - h * h)
+    # (1 - h)(1 + h), not 1 - h*h: near saturation 1 - h is exact and h*h rounds, which
+    # added its own error to that of h's rounding (a review found 1 - h*h 1.6% off the
+    # true derivative at |pre| = 16 in float64; h's own rounding leaves about 0.5%).
+    return d_h * ((1.0 - h) * (1.0 + h))
 
 
 def _relu_back(h: Array, d_h: Array) -> Array:
@@ -412,8 +415,9 @@ def _lstm_compact_backward(reverse: bool, unroll: int | bool, w: Array, tape: Co
     tg = jnp.tanh(g)
     c_in = _previous(tape.c, carry0.c, None, reverse)
     tc = jnp.tanh(tape.c)
-    packed = jnp.concatenate([d_state, o * (1.0 - tc * tc), f, d_pre, tg * i * (1.0 - i),
-                              c_in * f * (1.0 - f), i * (1.0 - tg * tg), tc * o * (1.0 - o)],
+    packed = jnp.concatenate([d_state, o * ((1.0 - tc) * (1.0 + tc)), f, d_pre,
+                              tg * i * (1.0 - i), c_in * f * (1.0 - f),
+                              i * ((1.0 - tg) * (1.0 + tg)), tc * o * (1.0 - o)],
                              axis=-1)
     # [d c, d c, d c, d h] * coefficients, built by broadcasting over the four gates rather
     # than by concatenating: XLA's CPU backend runs a concatenate as an operation of its own.

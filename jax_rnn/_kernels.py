@@ -534,9 +534,10 @@ def lstm_step_back(w_t: Array, g: Array, i: Array, f: Array, o: Array, c_prev: A
     tg = jnp.tanh(g)
     tc = jnp.tanh(f * c_prev + i * tg)
     d_h = plus(d_h_next, d_state)
-    d_c = d_c_next + d_h * o * (1.0 - tc * tc)
+    d_c = d_c_next + d_h * o * ((1.0 - tc) * (1.0 + tc))
     d_a = jnp.concatenate([d_c * tg * i * (1.0 - i), d_c * c_prev * f * (1.0 - f),
-                           plus(d_c * i * (1.0 - tg * tg), d_pre), d_h * tc * o * (1.0 - o)],
+                           plus(d_c * i * ((1.0 - tg) * (1.0 + tg)), d_pre),
+                           d_h * tc * o * (1.0 - o)],
                           axis=-1)
     return d_a, (d_a @ w_t, d_c * f)
 
@@ -628,7 +629,7 @@ def gru_step_back(w_t: Array, r: Array, z: Array, n: Array, h_n: Array, h: Array
     its gates, ``gh_n``, input state ``h``, the cotangents of its public pre-activation and
     state (``None``: zero), and the output state's."""
     d_h = plus(d_new, d_state)
-    d_pre = plus(d_h * (1.0 - z) * (1.0 - n * n), d_pre)
+    d_pre = plus(d_h * (1.0 - z) * ((1.0 - n) * (1.0 + n)), d_pre)
     d_r = d_pre * h_n * r * (1.0 - r)
     d_z = d_h * (h - n) * z * (1.0 - z)
     d_gh = jnp.concatenate([d_r, d_z, d_pre * r], axis=-1)
