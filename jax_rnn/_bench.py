@@ -36,7 +36,7 @@ class Config:
     B: int
     I: int  # noqa: E741 - the issue's name for the input size
     H: int
-    repeats: int | None = None  # per-config cap on the timed samples (None: --repeats)
+    repeats: int | None = None  # cap on the timed samples unless --repeats is given
 
     def describe(self) -> str:
         return f"T={self.T}, B={self.B}, I={self.I}, H={self.H}"
@@ -147,8 +147,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(the command line); on a GPU machine the row uses the GPUs instead")
     parser.add_argument(
         "--repeats", type=int, default=None,
-        help="timed samples per measurement, at most (default 7, 2 with --quick; the "
-        "T=200 and T=10000 sizes take at most 3)")
+        help="timed samples per measurement, at most (default 7, 2 with --quick; without "
+        "this flag the T=200 and T=10000 sizes take at most 3)")
     parser.add_argument(
         "--budget", type=positive_float, default=None,
         help="seconds per measurement after which sampling stops once 3 samples are in "
@@ -1160,7 +1160,8 @@ def _run(args: argparse.Namespace, precision: str) -> int:
             for cell in cells:
                 rows, cell_notes, matmul_by_cell[c.name, cell] = _bench_cell(
                     c, cell, args.dtype, args.seed, peers_ok, has_impl,
-                    min(repeats, c.repeats or repeats), budget, matmul_n, progress)
+                    repeats if args.repeats is not None else min(repeats, c.repeats or repeats),
+                    budget, matmul_n, progress)
                 results.extend(rows)
                 notes.extend(n for n in cell_notes if n not in notes)
             if i + 1 < len(configs):  # an interrupted run keeps what it measured
