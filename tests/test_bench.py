@@ -456,3 +456,20 @@ def test_profile_script_counts_every_step_of_the_loops(monkeypatch, capsys):
     module.main()
     out = capsys.readouterr().out
     assert "gru T=5 B=2 I=3 H=4 fwd_bwd" in out and len(out.splitlines()) == 6
+
+
+def test_repeats_flag_overrides_a_sizes_sample_cap(tmp_path, monkeypatch):
+    """A size's own cap on samples (3 at T=200 and T=10,000) applies without --repeats,
+    and --repeats replaces it (it used to be capped as well)."""
+    from jax_rnn import _bench
+
+    monkeypatch.setitem(_bench.CONFIGS, "quick", _bench.Config("quick", 6, 2, 3, 4, repeats=1))
+    counts = []
+    for extra in ([], ["--repeats", "3"]):
+        out = tmp_path / str(len(extra))
+        argv = ["bench", "--quick", "--out", str(out), "--peers", "scan", "--cells", "gru",
+                "--budget", "1000", "--matmul-size", "32", "--no-plot", *extra]
+        assert main(argv) == 0
+        rows = json.loads((out / "bench.json").read_text())["results"]
+        counts.append({len(r[mode]["times_s"]) for r in rows for mode in ("forward", "fwd_bwd")})
+    assert counts == [{1}, {3}]
