@@ -704,11 +704,10 @@ def _kernel(fc: FusedCell, xs: Array, carry0: Any, w: Array, masks: tuple[Any, .
     most ``Loops.max_hidden`` hidden units (CPUs), float32, one batch axis or none, a
     shape that ``_kernels.fits`` (on GPUs at most ``_kernels.MAX_HIDDEN`` hidden units),
     at least one step and one batch row, no masked, reset or cut steps, and on CPUs not
-    a loop that XLA
-    compiles natively (``_XLA_NATIVE_LOOP_BYTES``; ``one_sequence=False``: the call is
-    batched by a :func:`jax.vmap` around it, so XLA's loop is not one row's); else
-    ``None``. ``others`` (the input
-    weights first, then the biases) must be float32 too. A call that is not
+    a loop that XLA compiles natively (``_XLA_NATIVE_LOOP_BYTES``; ``one_sequence=False``:
+    the call is batched by a :func:`jax.vmap` around it, so XLA's loop is not one row's);
+    else ``None``. ``others`` (the input weights first, then the biases) must be float32
+    too. A call that is not
     ``differentiated`` takes the forward kernel at any hidden size (``Loops.max_hidden``)."""
     if (fc.kernel is None or any(m is not None for m in masks) or xs.ndim not in (2, 3)
             or xs.shape[0] == 0 or math.prod(xs.shape[1:-1]) == 0):
