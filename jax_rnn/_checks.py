@@ -49,6 +49,16 @@ def is_float(dtype: Any) -> bool:
     return bool(jnp.issubdtype(dtype, jnp.floating))
 
 
+def check_flags(where: str, **flags: Any) -> None:
+    """Checks that each of ``flags`` is a bool (read before tracing: not an array)."""
+    for name, flag in flags.items():
+        if not isinstance(flag, bool | np.bool_):
+            raise TypeError(
+                f"`{where}`: `{name}` must be True or False, got {flag!r} "
+                f"({type(flag).__name__}); it is read before tracing, so it cannot be an array."
+            )
+
+
 def batch_tuple(where: str, batch_shape: Any) -> tuple[int, ...]:
     """``batch_shape`` as a tuple of ints: an int ``B`` is ``(B,)``."""
     if isinstance(batch_shape, int | np.integer) and not isinstance(batch_shape, bool):

@@ -862,13 +862,8 @@ def checked_call(
     return_info: bool = False,
 ) -> Any:
     """Checks every argument of :func:`unroll`, then calls ``jitted`` with them."""
-    for name, flag in (("reverse", reverse), ("time_major", time_major),
-                       ("check_finite", check_finite), ("return_info", return_info)):
-        if not isinstance(flag, bool | np.bool_):
-            raise TypeError(
-                f"`{where}`: `{name}` must be True or False, got {flag!r} "
-                f"({type(flag).__name__}); it is read before tracing, so it cannot be an array."
-            )
+    _checks.check_flags(where, reverse=reverse, time_major=time_major,
+                        check_finite=check_finite, return_info=return_info)
     _check_options(where, unroll, remat, truncate, impl)
     if method == "sequential":
         given = [name for name, value in (("tol", tol), ("max_iter", max_iter),

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
-from ._checks import is_float
+from ._checks import check_flags, is_float
 from ._compose import Bidirectional, Stack
 from ._fresh import check_arity, compile_fresh
 from ._unroll import cast_floats, cast_inputs, initial_carry, prepare, scan
@@ -302,8 +302,7 @@ def _jacobians_jit(
 
 def _jacobians(where: str, cell: Any, params: Any, xs: Any, state0: Any, kind: str,
                log: bool) -> Array:
-    if not isinstance(log, bool | np.bool_):
-        raise TypeError(f"`{where}`: `log` must be True or False, got {log!r}.")
+    check_flags(where, log=log)
     prep = _prepare(where, cell, params, xs, state0)
     return _jacobians_jit(cell, params, prep.xs, prep.state0, kind=kind, log=bool(log),
                           dtype=prep.dtype, batch_shape=prep.batch_shape)
